@@ -1,0 +1,19 @@
+"""Readers, validation and bundled data sets for zinckin."""
+
+from pathlib import Path
+
+from ._errors import DataError as DataError
+from ._imaging import (
+    ImagingDataset as ImagingDataset,
+    ImagingTraces as ImagingTraces,
+    load_imaging as load_imaging,
+    read_fiji_wide as read_fiji_wide,
+    read_long as read_long,
+    validate_against_protocol as validate_against_protocol,
+    write_long_csv as write_long_csv,
+)
+from ._protocol import Protocol as Protocol, Segment as Segment, read_protocol as read_protocol
+
+
+EXAMPLE_DIR: Path = Path(__file__).parent / "example"
+"""Folder of the bundled example imaging data set (made by ``zinckin simulate``)."""

@@ -1,0 +1,1 @@
+"""Bayesian inference for zinc homeostasis models (numpyro)."""

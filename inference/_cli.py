@@ -1,0 +1,220 @@
+"""The ``zinckin`` command line: simulate, check, fit. No science here."""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line usage or an output folder that would be overwritten."""
+
+
+def _example_dir() -> Path:
+    from data import EXAMPLE_DIR
+
+    return EXAMPLE_DIR
+
+
+def _enable_x64():
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+def cmd_simulate(args) -> int:
+    _enable_x64()
+    import jax
+    import numpy as np
+
+    from data import read_protocol, write_long_csv
+    from data._protocol import TIME_UNITS_TO_MIN
+
+    from ._output import atomic_write, write_json
+    from ._simulate import SimulationSettings, simulate_imaging
+
+    protocol_path = Path(args.protocol) if args.protocol else _example_dir() / "protocol.toml"
+    protocol = read_protocol(protocol_path)
+    to_min = TIME_UNITS_TO_MIN[protocol.time_unit]
+    starts = [s.start_min for s in protocol.segments]
+    if args.duration is not None:
+        end_min = args.duration * to_min
+    else:
+        end_min = starts[-1] + (starts[-1] - starts[-2] if len(starts) > 1 else 5.0)
+    if end_min <= starts[-1]:
+        raise UsageError(f"--duration must reach past the last segment start ({starts[-1] / to_min:g} {protocol.time_unit}).")
+    if args.frame_interval is not None:
+        interval_min = args.frame_interval * to_min
+    elif protocol.frame_interval_min is not None:
+        interval_min = protocol.frame_interval_min
+    else:
+        interval_min = (end_min - starts[0]) / 120
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out.")
+    settings = SimulationSettings(num_cells=args.num_cells, frame_interval_min=interval_min,
+                                  noise_fraction=args.noise_fraction)
+    sim = simulate_imaging(protocol.to_inputs(end_min), settings, key=jax.random.key(args.seed))
+    cell_id = [f"cell{i + 1:03d}" for i in range(args.num_cells)]
+    out.mkdir(parents=True, exist_ok=True)
+    time_in_unit = np.round(sim["time_min"] / to_min, 9)
+    write_long_csv(out / "traces.csv", time_in_unit, sim["intensity"], cell_id)
+    text = protocol_path.read_text()
+    if protocol.frame_interval_min is None:
+        text += f"\nframe_interval = {interval_min / to_min:g}\n"
+    atomic_write(out / "protocol.toml", lambda tmp: tmp.write_text(text))
+    truth = {
+        "population_median": sim["population"],
+        "per_cell_sd_log": {n: settings.cell_sd_log for n in settings.per_cell},
+        "cells": {k: dict(zip(cell_id, map(float, v))) for k, v in sim["cells"].items()},
+        "seed": args.seed,
+        "units": {"time": "min in the model, protocol time_unit in traces.csv"},
+    }
+    write_json(truth, out / "truth.json")
+    command = "zinckin " + " ".join(sys.argv[1:]) if args.record_command is None else args.record_command
+    atomic_write(out / "COMMAND.txt", lambda tmp: tmp.write_text(command + "\n"))
+    print(f"wrote {args.num_cells} cells x {len(time_in_unit)} frames to {out}/traces.csv "
+          f"(+ protocol.toml, truth.json, COMMAND.txt)")
+    return 0
+
+
+def _load(config_path):
+    from data import load_imaging
+
+    from ._config import load_config
+
+    config, base = load_config(config_path)
+    d = config.data
+    dataset = load_imaging(
+        base / d.traces, base / d.protocol, format=d.format, mask_missing=d.mask_missing,
+        exclude_cells=d.exclude_cells, cell_column=d.cell_column, time_column=d.time_column,
+        intensity_column=d.intensity_column, min_calibration_frames=d.min_calibration_frames,
+    )
+    plan = config.parameter_plan(dataset.protocol.probe_kd_nM)
+    return config, dataset, plan
+
+
+def cmd_check(args) -> int:
+    _enable_x64()
+    config, dataset, plan = _load(args.config)
+    tr = dataset.traces
+    print(f"config {args.config}: OK")
+    print(f"traces {tr.path}: {len(tr.cell_id)} cells x {tr.time_min.size} frames, "
+          f"{int((~tr.mask).sum())} masked values")
+    print(f"protocol {dataset.protocol.path}: probe {dataset.protocol.probe} (Kd {dataset.protocol.probe_kd_nM:g} nM); "
+          + ", ".join(f"{s.kind}@{s.start_min:g} min ({s.zn_ext_uM:g} uM Zn)" for s in dataset.protocol.segments))
+    print(f"sampled: {', '.join(plan.sampled)}; per cell: {', '.join(plan.per_cell)}; "
+          f"fixed: {', '.join(f'{k}={v:g}' for k, v in plan.fixed.items())}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    _enable_x64()
+    import jax
+
+    from ._fit import build_problem, population_var_names, run_nuts
+    from ._output import (
+        diagnostics, plot_ppc_traces, plot_rank, plot_trace, population_summary, write_json, write_tree,
+    )
+
+    config, dataset, plan = _load(args.config)
+    out = Path(args.out) if args.out else Path(config.output.dir)
+    if (out / "posterior.nc").exists() and not args.overwrite:
+        raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
+    problem = build_problem(dataset, config.solver_config())
+    sampler = config.sampler_config()
+    tr = dataset.traces
+    print(f"fitting {len(tr.cell_id)} cells x {tr.time_min.size} frames: {sampler.num_chains} chain(s) x "
+          f"({sampler.num_warmup} warmup + {sampler.num_samples} draws), seed {config.seed}", flush=True)
+    t0 = time.perf_counter()
+    result = run_nuts(problem, plan, sampler, key=jax.random.key(config.seed), cell_id=tr.cell_id,
+                      progress_bar=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    names = population_var_names(plan)
+    summary = population_summary(result.tree, names)
+    diag = diagnostics(result.tree, names)
+    diag["sampling_seconds"] = round(elapsed, 1)
+    write_tree(result.tree, out / "posterior.nc")
+    from ._output import atomic_write
+
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
+    write_json({"diagnostics": diag, "config": config.model_dump(), "config_file": str(Path(args.config).resolve()),
+                "fixed": plan.fixed, "per_cell": list(plan.per_cell)}, out / "run.json")
+    plot_rank(result.tree, names, out / "rank.png")
+    plot_trace(result.tree, names, out / "trace.png")
+    plot_ppc_traces(result.tree, out / "ppc_traces.png", num_cells=config.output.num_ppc_cells)
+    with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
+    import pandas as pd
+
+    with pd.option_context("display.width", 140, "display.float_format", "{:.4g}".format):
+        print(summary[[c for c in with_cols if c in summary.columns]])
+    verdict = (diag["max_r_hat"] < 1.01 and diag["min_ess_bulk"] > 400 and diag["min_ess_tail"] > 400
+               and diag["divergences"] == 0)
+    print(json.dumps(diag))
+    print(("converged by R-hat < 1.01, ESS > 400, no divergences" if verdict else
+           "NOT converged by the strict gate (R-hat < 1.01, ESS > 400, no divergences): "
+           "run longer chains before trusting the posterior")
+          + f"; results in {out}/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zinckin", description="Bayesian inference for cellular zinc kinetics.")
+    p.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="write a synthetic imaging data set")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--protocol", help="protocol TOML (default: the bundled example protocol)")
+    s.add_argument("--num-cells", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--duration", type=float, help="recording length, in the protocol's time unit")
+    s.add_argument("--frame-interval", type=float, help="time between frames, in the protocol's time unit")
+    s.add_argument("--noise-fraction", type=float, default=0.03, help="noise sd as a fraction of F_min")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--record-command", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_simulate)
+
+    c = sub.add_parser("check", help="validate a config and its data without fitting")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_check)
+
+    f = sub.add_parser("fit", help="fit the model to the data named in a config")
+    f.add_argument("config")
+    f.add_argument("--out", help="run directory (default: output.dir of the config)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing fit in the run directory")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fit)
+    return p
+
+
+def main(argv=None) -> int:
+    from data import DataError
+
+    from ._config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, UsageError) as e:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"zinckin {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as e:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"zinckin {args.command}: error: {e} (rerun with --traceback for details)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def entry() -> None:
+    sys.exit(main())

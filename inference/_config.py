@@ -1,0 +1,154 @@
+"""Fit configuration files (TOML), validated with pydantic."""
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import numpyro.distributions as dist
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models import PARAM_SPECS, SolverConfig
+
+from ._fit import SamplerConfig
+from ._model import DEFAULT_FIXED, DEFAULT_PER_CELL, ParameterPlan, default_plan
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(_Strict):
+    traces: str
+    protocol: str
+    format: Literal["auto", "long", "fiji"] = "auto"
+    mask_missing: bool = False
+    exclude_cells: list[str] = Field(default_factory=list)
+    cell_column: str = "cell"
+    time_column: str = "time"
+    intensity_column: str = "intensity"
+    min_calibration_frames: int = Field(default=4, ge=1)
+
+
+class PriorSpec(_Strict):
+    """A prior override: ``{median = .., log_sd = ..}`` (log-normal) or ``{fixed = ..}``."""
+
+    median: float | None = Field(default=None, gt=0)
+    log_sd: float | None = Field(default=None, gt=0)
+    fixed: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.fixed is not None and (self.median is not None or self.log_sd is not None):
+            raise ValueError("give either 'fixed' or 'median'/'log_sd', not both")
+        if self.fixed is None and (self.median is None or self.log_sd is None):
+            raise ValueError("a prior needs both 'median' and 'log_sd' (log-normal), or 'fixed'")
+        return self
+
+
+class ModelSection(_Strict):
+    name: Literal["zinc_flux"] = "zinc_flux"
+    per_cell: list[str] = Field(default_factory=lambda: list(DEFAULT_PER_CELL))
+    population_sd_scale: float = Field(default=0.5, gt=0)
+    fixed_default: list[str] = Field(default_factory=lambda: list(DEFAULT_FIXED))
+
+    @field_validator("per_cell", "fixed_default")
+    @classmethod
+    def _known(cls, v):
+        unknown = [n for n in v if n not in PARAM_SPECS]
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; known: {list(PARAM_SPECS)}")
+        return v
+
+
+class SolverSection(_Strict):
+    solver: Literal["tsit5", "dopri5"] = "tsit5"
+    rtol: float = Field(default=1e-6, gt=0, lt=1)
+    atol: float = Field(default=1e-9, gt=0)
+    max_steps: int = Field(default=4096, ge=16)
+
+
+class SamplerSection(_Strict):
+    num_warmup: int = Field(default=300, ge=1)
+    num_samples: int = Field(default=300, ge=1)
+    num_chains: int = Field(default=2, ge=1)
+    target_accept_prob: float = Field(default=0.8, gt=0, lt=1)
+    max_tree_depth: int = Field(default=8, ge=1, le=12)
+    chain_method: Literal["sequential", "vectorized"] = "sequential"
+
+
+class OutputSection(_Strict):
+    dir: str = "runs/fit"
+    num_ppc_cells: int = Field(default=8, ge=1)
+
+
+class FitConfig(_Strict):
+    """The whole fit configuration. Paths in ``[data]`` are relative to the config file."""
+
+    data: DataSection
+    model: ModelSection = ModelSection()
+    priors: dict[str, PriorSpec] = Field(default_factory=dict)
+    solver: SolverSection = SolverSection()
+    sampler: SamplerSection = SamplerSection()
+    seed: int = 0
+    output: OutputSection = OutputSection()
+
+    @field_validator("priors")
+    @classmethod
+    def _known_priors(cls, v):
+        unknown = [n for n in v if n not in PARAM_SPECS]
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; known: {list(PARAM_SPECS)}")
+        return v
+
+    def solver_config(self) -> SolverConfig:
+        s = self.solver
+        return SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps)
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(**self.sampler.model_dump())
+
+    def parameter_plan(self, probe_kd_nM: float) -> ParameterPlan:
+        fixed = {n: PARAM_SPECS[n].median for n in self.model.fixed_default}
+        priors = {}
+        for name, spec in self.priors.items():
+            if spec.fixed is not None:
+                fixed[name] = spec.fixed
+            else:
+                fixed.pop(name, None)
+                priors[name] = dist.LogNormal(math.log(spec.median), spec.log_sd)
+        for name in self.model.per_cell:
+            fixed.pop(name, None)
+        return default_plan(probe_kd_nM=probe_kd_nM, fixed=fixed, priors=priors,
+                            per_cell=self.model.per_cell,
+                            population_sd_scale=self.model.population_sd_scale)
+
+
+def load_config(path) -> tuple[FitConfig, Path]:
+    """Read and validate a fit config; returns the config and its folder (base of data paths).
+
+    Raises
+    ------
+    ConfigError
+        Missing file, TOML syntax errors, unknown keys, wrong types or values.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the config file does not exist. Fix: check the path.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}). Fix: correct the syntax there.") from None
+    try:
+        config = FitConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"key '{loc}': {err['msg']}")
+        raise ConfigError(f"{path}: invalid config: " + "; ".join(lines) + ". Fix: correct these keys (see docs/config.md).") from None
+    return config, path.parent.resolve()

@@ -1,0 +1,198 @@
+"""NUTS fits of imaging data: problem assembly, sampling, DataTree output."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import xarray as xr
+from arviz_base import from_dict
+from numpyro.infer import MCMC, NUTS, Predictive, init_to_median, log_likelihood
+
+from data import ImagingDataset
+from models import PARAM_SPECS, SolverConfig, ZincFluxRapidEquilibrium
+
+from ._model import ImagingProblem, ParameterPlan, empirical_refs, imaging_model
+
+
+class SamplerConfig(eqx.Module):
+    """NUTS settings.
+
+    Attributes
+    ----------
+    num_warmup, num_samples : warmup (adaptation) and kept iterations per chain.
+    num_chains : number of chains (>= 2 for R-hat).
+    target_accept_prob : NUTS target acceptance probability.
+    max_tree_depth : bound on the NUTS tree depth (2**depth - 1 gradient evaluations).
+    chain_method : ``"sequential"`` or ``"vectorized"`` (numpyro's ``"parallel"`` fails with
+        diffrax on current versions).
+    """
+
+    num_warmup: int = 300
+    num_samples: int = 300
+    num_chains: int = 2
+    target_accept_prob: float = 0.8
+    max_tree_depth: int = 8
+    chain_method: str = "sequential"
+
+    def __check_init__(self):
+        if self.num_warmup < 1 or self.num_samples < 1:
+            raise ValueError(f"num_warmup and num_samples must be >= 1, got {self.num_warmup}, {self.num_samples}.")
+        if self.num_chains < 1:
+            raise ValueError(f"num_chains must be >= 1, got {self.num_chains}.")
+        if not (0 < self.target_accept_prob < 1):
+            raise ValueError(f"target_accept_prob must be in (0, 1), got {self.target_accept_prob}.")
+        if not (1 <= self.max_tree_depth <= 12):
+            raise ValueError(f"max_tree_depth must be in 1..12, got {self.max_tree_depth}.")
+        if self.chain_method not in ("sequential", "vectorized"):
+            raise ValueError(f"chain_method must be 'sequential' or 'vectorized', got {self.chain_method!r}.")
+
+
+def build_problem(dataset: ImagingDataset, solver: SolverConfig = SolverConfig()) -> ImagingProblem:
+    """Turn a validated imaging data set into the arrays the likelihood needs."""
+    tr = dataset.traces
+    segments = {k: dataset.segment_bounds(k) for k in ("fmin", "fmax")}
+    f_min_ref, f_max_ref, sigma_ref = empirical_refs(tr.time_min, tr.intensity, tr.mask, segments)
+    return ImagingProblem(
+        model=ZincFluxRapidEquilibrium(dataset.protocol.to_inputs(dataset.end_min)),
+        time_min=jnp.asarray(tr.time_min),
+        intensity=jnp.asarray(np.where(tr.mask, tr.intensity, 0.0)),
+        mask=jnp.asarray(tr.mask),
+        f_min_ref=jnp.asarray(f_min_ref),
+        f_max_ref=jnp.asarray(f_max_ref),
+        sigma_ref=jnp.asarray(sigma_ref),
+        solver=solver,
+    )
+
+
+CELL_SITES = ("f_min", "f_max", "log_dynamic_range", "bleach_rate_per_min", "sigma")
+EXTRA_FIELDS = ("diverging", "num_steps", "accept_prob", "potential_energy", "energy", "adapt_state.step_size")
+
+
+def population_var_names(plan: ParameterPlan) -> list[str]:
+    """Posterior variables that describe the population (the summary table rows)."""
+    names = list(plan.sampled)
+    names += [f"{n}_sd_log" for n in plan.per_cell]
+    return names
+
+
+@dataclasses.dataclass
+class FitResult:
+    """A finished NUTS fit: the DataTree and the plan it used."""
+
+    tree: xr.DataTree
+    plan: ParameterPlan
+    problem: ImagingProblem
+
+
+def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig, *, key,
+             cell_id, progress_bar: bool = True) -> FitResult:
+    """Sample the hierarchical imaging model with NUTS and collect every output group.
+
+    Returns a :class:`FitResult` whose ``tree`` has groups ``posterior``,
+    ``posterior_predictive``, ``log_likelihood``, ``sample_stats`` (with ``solver_failures``
+    per draw), ``observed_data`` and ``constant_data``, with dims ``cell`` and ``time``.
+    """
+    k_mcmc, k_ppc = jax.random.split(key)
+    kernel = NUTS(
+        imaging_model,
+        init_strategy=init_to_median(num_samples=15),
+        target_accept_prob=config.target_accept_prob,
+        max_tree_depth=config.max_tree_depth,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_warmup=config.num_warmup,
+        num_samples=config.num_samples,
+        num_chains=config.num_chains,
+        chain_method=config.chain_method,
+        progress_bar=progress_bar,
+    )
+    mcmc.run(k_mcmc, problem, plan, extra_fields=EXTRA_FIELDS)
+    samples = mcmc.get_samples(group_by_chain=True)
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    tree = assemble_tree(problem, plan, samples, extra, key=k_ppc, cell_id=cell_id,
+                         max_tree_depth=config.max_tree_depth)
+    return FitResult(tree=tree, plan=plan, problem=problem)
+
+
+def _flatten(samples):
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
+
+
+def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, extra: dict, *,
+                  key, cell_id, max_tree_depth: int) -> xr.DataTree:
+    """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields."""
+    samples = {k: np.asarray(v) for k, v in samples.items()}
+    num_chains, num_draws = next(iter(samples.values())).shape[:2]
+    flat = _flatten({k: v for k, v in samples.items() if k not in ("solver_failures",)})
+    flat_j = {k: jnp.asarray(v) for k, v in flat.items()}
+    ll = log_likelihood(imaging_model, flat_j, problem, plan)["intensity"]
+    ppc = Predictive(imaging_model, posterior_samples=flat_j, return_sites=["intensity"])(
+        key, problem, plan, predictive=True
+    )["intensity"]
+
+    def by_chain(a):
+        a = np.asarray(a)
+        return a.reshape((num_chains, num_draws) + a.shape[1:])
+
+    posterior = {k: v for k, v in samples.items() if k != "solver_failures"}
+    stats = {
+        "diverging": np.asarray(extra["diverging"]),
+        "n_steps": np.asarray(extra["num_steps"]),
+        "tree_depth": np.floor(np.log2(np.maximum(np.asarray(extra["num_steps"]), 1))).astype(int) + 1,
+        "acceptance_rate": np.asarray(extra["accept_prob"]),
+        "lp": -np.asarray(extra["potential_energy"]),
+        "energy": np.asarray(extra["energy"]),
+        "step_size": np.asarray(extra["adapt_state.step_size"]),
+        "solver_failures": np.asarray(samples["solver_failures"]).astype(int),
+    }
+    stats["reached_max_tree_depth"] = stats["tree_depth"] > max_tree_depth
+    mask = np.asarray(problem.mask)
+    observed = np.where(mask, np.asarray(problem.intensity), np.nan)
+    protocol = problem.model.protocol
+    constant = {
+        "time_min": np.asarray(problem.time_min),
+        "mask": mask,
+        "f_min_ref": np.asarray(problem.f_min_ref),
+        "f_max_ref": np.asarray(problem.f_max_ref),
+        "sigma_ref": np.asarray(problem.sigma_ref),
+        "segment_start_min": np.asarray(protocol.start_min),
+        "segment_zn_ext_uM": np.asarray(protocol.zn_ext_uM),
+    }
+    for name, value in plan.fixed.items():
+        constant[f"fixed_{name}"] = np.asarray(float(value))
+    cells = [f"{n}_z" for n in plan.per_cell] + [f"{n}_cell" for n in plan.per_cell] + list(CELL_SITES)
+    dims = {name: ["cell"] for name in cells}
+    dims.update({
+        "zc_nM": ["cell", "time"], "intensity": ["cell", "time"], "mask": ["cell", "time"],
+        "time_min": ["time"], "f_min_ref": ["cell"], "f_max_ref": ["cell"], "sigma_ref": ["cell"],
+        "segment_start_min": ["segment"], "segment_zn_ext_uM": ["segment"],
+    })
+    coords = {
+        "cell": list(cell_id),
+        "time": np.asarray(problem.time_min),
+        "segment": list(protocol.kind),
+    }
+    tree = from_dict(
+        {
+            "posterior": posterior,
+            "posterior_predictive": {"intensity": by_chain(ppc)},
+            "log_likelihood": {"intensity": by_chain(ll)},
+            "sample_stats": stats,
+            "observed_data": {"intensity": observed},
+            "constant_data": constant,
+        },
+        coords=coords,
+        dims=dims,
+        attrs={"time_unit": "min", "model": "ZincFluxRapidEquilibrium"},
+    )
+    units = {name: spec.unit for name, spec in PARAM_SPECS.items()}
+    post = tree["posterior"]
+    for name in list(post.data_vars):
+        base = name.removesuffix("_cell")
+        if base in units:
+            post[name].attrs["units"] = units[base]
+    return tree

@@ -1,0 +1,25 @@
+"""Kinetic models of cellular zinc homeostasis (JAX / diffrax)."""
+
+from ._dynamics import (
+    AbstractZincModel as AbstractZincModel,
+    FluxState as FluxState,
+    FullState as FullState,
+    ZincFluxFull as ZincFluxFull,
+    ZincFluxRapidEquilibrium as ZincFluxRapidEquilibrium,
+    derived_rates as derived_rates,
+)
+from ._observation import FluorescenceParams as FluorescenceParams, fluorescence as fluorescence
+from ._params import (
+    PARAM_SPECS as PARAM_SPECS,
+    ParamSpec as ParamSpec,
+    ZincFluxParams as ZincFluxParams,
+    default_params as default_params,
+    default_priors as default_priors,
+)
+from ._protocol import SEGMENT_KINDS as SEGMENT_KINDS, ProtocolInputs as ProtocolInputs
+from ._solve import (
+    SolverConfig as SolverConfig,
+    Trajectory as Trajectory,
+    full_model_config as full_model_config,
+    solve as solve,
+)

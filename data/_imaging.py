@@ -138,14 +138,15 @@ def read_long(path, *, time_unit: str, cell_column="cell", time_column="time",
         order.setdefault(c, []).append(i)
     for c, rows in order.items():
         tc = t[rows]
-        dup = np.flatnonzero(np.diff(tc) == 0)
-        if dup.size:
-            a, b = rows[dup[0]], rows[dup[0] + 1]
-            raise DataError(
-                path, f"cell id '{c}' appears twice at time {tc[dup[0]]:g} ({_line(a)} and {_line(b)}).",
-                "cell ids must be unique per cell: rename one of the cells or remove the duplicated row.",
-                where=_line(b),
-            )
+        seen_t: dict[float, int] = {}
+        for r, tv in zip(rows, tc):
+            if tv in seen_t:
+                raise DataError(
+                    path, f"cell id '{c}' appears twice at time {tv:g} ({_line(seen_t[tv])} and {_line(r)}).",
+                    "cell ids must be unique per cell: rename one of the cells or remove the duplicated row.",
+                    where=_line(r),
+                )
+            seen_t[tv] = r
         back = np.flatnonzero(np.diff(tc) < 0)
         if back.size:
             r = rows[back[0] + 1]

@@ -2,7 +2,7 @@
 
 import argparse
 import json
-import shutil
+import shlex
 import sys
 import time
 import traceback
@@ -67,7 +67,8 @@ def cmd_simulate(args) -> int:
     write_long_csv(out / "traces.csv", time_in_unit, sim["intensity"], cell_id)
     text = protocol_path.read_text()
     if protocol.frame_interval_min is None:
-        text += f"\nframe_interval = {interval_min / to_min:g}\n"
+        # top-level keys must precede the [[segment]] tables
+        text = f"frame_interval = {interval_min / to_min:g}  # added by zinckin simulate\n" + text
     atomic_write(out / "protocol.toml", lambda tmp: tmp.write_text(text))
     truth = {
         "population_median": sim["population"],
@@ -77,7 +78,7 @@ def cmd_simulate(args) -> int:
         "units": {"time": "min in the model, protocol time_unit in traces.csv"},
     }
     write_json(truth, out / "truth.json")
-    command = "zinckin " + " ".join(sys.argv[1:]) if args.record_command is None else args.record_command
+    command = "zinckin " + shlex.join(args.argv) if args.record_command is None else args.record_command
     atomic_write(out / "COMMAND.txt", lambda tmp: tmp.write_text(command + "\n"))
     print(f"wrote {args.num_cells} cells x {len(time_in_unit)} frames to {out}/traces.csv "
           f"(+ protocol.toml, truth.json, COMMAND.txt)")
@@ -120,7 +121,13 @@ def cmd_fit(args) -> int:
 
     from ._fit import build_problem, population_var_names, run_nuts
     from ._output import (
-        diagnostics, plot_ppc_traces, plot_rank, plot_trace, population_summary, write_json, write_tree,
+        diagnostics,
+        plot_ppc_traces,
+        plot_rank,
+        plot_trace,
+        population_summary,
+        write_json,
+        write_tree,
     )
 
     config, dataset, plan = _load(args.config)
@@ -201,7 +208,9 @@ def main(argv=None) -> int:
     from ._config import ConfigError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (DataError, ConfigError, UsageError) as e:

@@ -54,6 +54,7 @@ class ModelSection(_Strict):
     name: Literal["zinc_flux"] = "zinc_flux"
     per_cell: list[str] = Field(default_factory=lambda: list(DEFAULT_PER_CELL))
     population_sd_scale: float = Field(default=0.5, gt=0)
+    parameterization: Literal["centered", "noncentered"] = "centered"
     fixed_default: list[str] = Field(default_factory=lambda: list(DEFAULT_FIXED))
 
     @field_validator("per_cell", "fixed_default")
@@ -79,6 +80,7 @@ class SamplerSection(_Strict):
     target_accept_prob: float = Field(default=0.8, gt=0, lt=1)
     max_tree_depth: int = Field(default=8, ge=1, le=12)
     chain_method: Literal["sequential", "vectorized"] = "sequential"
+    adapt_mass_matrix: bool = False
 
 
 class OutputSection(_Strict):
@@ -125,7 +127,8 @@ class FitConfig(_Strict):
             fixed.pop(name, None)
         return default_plan(probe_kd_nM=probe_kd_nM, fixed=fixed, priors=priors,
                             per_cell=self.model.per_cell,
-                            population_sd_scale=self.model.population_sd_scale)
+                            population_sd_scale=self.model.population_sd_scale,
+                            centered=self.model.parameterization == "centered")
 
 
 def load_config(path) -> tuple[FitConfig, Path]:

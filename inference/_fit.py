@@ -6,14 +6,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 import xarray as xr
 from arviz_base import from_dict
-from numpyro.infer import MCMC, NUTS, Predictive, init_to_median, log_likelihood
+from jax.flatten_util import ravel_pytree
+from numpyro.infer import MCMC, NUTS, Predictive, log_likelihood
 
 from data import ImagingDataset
 from models import PARAM_SPECS, SolverConfig, ZincFluxRapidEquilibrium
 
+from ._laplace import LaplaceInit, laplace_init
 from ._model import ImagingProblem, ParameterPlan, empirical_refs, imaging_model
 
 
@@ -28,6 +29,8 @@ class SamplerConfig(eqx.Module):
     max_tree_depth : bound on the NUTS tree depth (2**depth - 1 gradient evaluations).
     chain_method : ``"sequential"`` or ``"vectorized"`` (numpyro's ``"parallel"`` fails with
         diffrax on current versions).
+    adapt_mass_matrix : whether warmup re-estimates the (dense) metric; by default the Laplace
+        metric from the MAP is kept and only the step size is adapted.
     """
 
     num_warmup: int = 300
@@ -36,6 +39,7 @@ class SamplerConfig(eqx.Module):
     target_accept_prob: float = 0.8
     max_tree_depth: int = 8
     chain_method: str = "sequential"
+    adapt_mass_matrix: bool = False
 
     def __check_init__(self):
         if self.num_warmup < 1 or self.num_samples < 1:
@@ -85,6 +89,7 @@ class FitResult:
     tree: xr.DataTree
     plan: ParameterPlan
     problem: ImagingProblem
+    laplace: LaplaceInit
 
 
 def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig, *, key,
@@ -95,12 +100,16 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
     ``posterior_predictive``, ``log_likelihood``, ``sample_stats`` (with ``solver_failures``
     per draw), ``observed_data`` and ``constant_data``, with dims ``cell`` and ``time``.
     """
-    k_mcmc, k_ppc = jax.random.split(key)
+    k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
+    laplace = laplace_init(imaging_model, (problem, plan), key=k_init)
+    init_params = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(imaging_model, problem, plan))
     kernel = NUTS(
         imaging_model,
-        init_strategy=init_to_median(num_samples=15),
         target_accept_prob=config.target_accept_prob,
         max_tree_depth=config.max_tree_depth,
+        dense_mass=True,
+        inverse_mass_matrix=laplace.inverse_mass_matrix,
+        adapt_mass_matrix=config.adapt_mass_matrix,
     )
     mcmc = MCMC(
         kernel,
@@ -110,12 +119,38 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
         chain_method=config.chain_method,
         progress_bar=progress_bar,
     )
-    mcmc.run(k_mcmc, problem, plan, extra_fields=EXTRA_FIELDS)
+    mcmc.run(k_mcmc, problem, plan, extra_fields=EXTRA_FIELDS, init_params=init_params)
     samples = mcmc.get_samples(group_by_chain=True)
     extra = mcmc.get_extra_fields(group_by_chain=True)
     tree = assemble_tree(problem, plan, samples, extra, key=k_ppc, cell_id=cell_id,
                          max_tree_depth=config.max_tree_depth)
-    return FitResult(tree=tree, plan=plan, problem=problem)
+    return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace)
+
+
+def chain_starts(laplace: LaplaceInit, num_chains: int, *, key, potential_model, scale: float = 0.5):
+    """Dispersed chain starts: MAP + ``scale`` * Laplace draws, MAP wherever that is not finite.
+
+    Over-dispersed starts keep R-hat meaningful; each start is checked against the potential so
+    that no chain begins where the ODE solve fails.
+    """
+    from numpyro.infer.util import potential_energy
+
+    model, problem, plan = potential_model
+    chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(laplace.flat_map.shape[0]))
+    eps = jax.random.normal(key, (num_chains, laplace.flat_map.shape[0]))
+    flats = laplace.flat_map + scale * eps @ chol.T
+    _, unravel = ravel_pytree(laplace.z_map)
+
+    @jax.jit
+    def check(flat):
+        pe = potential_energy(model, (problem, plan), {}, unravel(flat))
+        return jnp.where(jnp.isfinite(pe), flat, laplace.flat_map)
+
+    flats = jax.vmap(check)(flats)
+    starts = jax.vmap(unravel)(flats)
+    if num_chains == 1:
+        starts = jax.tree.map(lambda a: a[0], starts)
+    return starts
 
 
 def _flatten(samples):
@@ -165,6 +200,7 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
     for name, value in plan.fixed.items():
         constant[f"fixed_{name}"] = np.asarray(float(value))
     cells = [f"{n}_z" for n in plan.per_cell] + [f"{n}_cell" for n in plan.per_cell] + list(CELL_SITES)
+    cells = [c for c in cells if c in posterior]
     dims = {name: ["cell"] for name in cells}
     dims.update({
         "zc_nM": ["cell", "time"], "intensity": ["cell", "time"], "mask": ["cell", "time"],
@@ -187,8 +223,9 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
         },
         coords=coords,
         dims=dims,
-        attrs={"time_unit": "min", "model": "ZincFluxRapidEquilibrium"},
     )
+    tree.attrs.update({"time_unit": "min", "model": "ZincFluxRapidEquilibrium",
+                       "parameterization": "centered" if plan.centered else "noncentered"})
     units = {name: spec.unit for name, spec in PARAM_SPECS.items()}
     post = tree["posterior"]
     for name in list(post.data_vars):

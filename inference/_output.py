@@ -29,6 +29,7 @@ def atomic_write(path: Path, write_fn) -> None:
         write_fn(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

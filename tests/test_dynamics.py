@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import solve_full_reference
 
 import models as m
-from reference import solve_full_reference
 
 
 PARAM_SETS = {

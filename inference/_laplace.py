@@ -1,0 +1,108 @@
+"""MAP by preconditioned L-BFGS (optax) and a Laplace approximation, used to start NUTS well.
+
+Imaging data pin each cell's observation parameters extremely tightly (a bleaching rate to
+~1e-4 /min, F_min to <1%) while population parameters stay prior-wide: the posterior's scales
+span ~4 orders of magnitude. NUTS with an identity metric then needs step sizes of ~1e-4 and
+saturates its tree depth for the whole warmup. Starting at the MAP with the Laplace covariance
+as the (dense) inverse metric removes that cost.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
+from numpyro.infer import init_to_median
+from numpyro.infer.util import initialize_model
+
+
+class LaplaceInit(eqx.Module):
+    """MAP point and Laplace covariance in numpyro's unconstrained space.
+
+    Attributes
+    ----------
+    z_map : dict of unconstrained site values at the MAP.
+    flat_map : the same, flattened in numpyro's order (``ravel_pytree``, sorted site names).
+    inverse_mass_matrix : (dim, dim) inverse of the finite-difference Hessian of the potential at
+        the MAP, eigenvalues made positive and floored (a metric, not a result).
+    potential : potential energy (-log joint) at the MAP.
+    grad_norm : gradient norm at the MAP (small when the optimiser converged).
+    num_iter : L-BFGS iterations used.
+    """
+
+    z_map: dict
+    flat_map: Float[Array, " dim"]
+    inverse_mass_matrix: Float[Array, "dim dim"]
+    potential: Float[Array, ""]
+    grad_norm: Float[Array, ""]
+    num_iter: Array
+
+
+def _fd_hessian(grad_fn, x, step):
+    """Central differences of an exact gradient: 2 * dim gradients, batched with vmap."""
+    eye = jnp.eye(x.shape[0]) * step
+    h = (jax.vmap(grad_fn)(x + eye) - jax.vmap(grad_fn)(x - eye)) / (2 * step)
+    h = jnp.where(jnp.isfinite(h), h, 0.0)
+    return 0.5 * (h + h.T)
+
+
+def _sqrt_inv(h, floor):
+    """Symmetric H^{-1/2} and H^{-1} with |eigenvalues| floored at floor * max|eigenvalue|."""
+    w, v = jnp.linalg.eigh(h)
+    w = jnp.maximum(jnp.abs(w), floor * jnp.max(jnp.abs(w)))
+    return (v / jnp.sqrt(w)) @ v.T, (v / w) @ v.T
+
+
+def laplace_init(model, model_args, *, key, max_iter: int = 150, tol: float = 1e-2,
+                 fd_step: float = 1e-5, floor: float = 1e-8) -> LaplaceInit:
+    """Find the MAP of ``model`` in unconstrained space and the Laplace covariance there.
+
+    1. start at the prior medians (``init_to_median``);
+    2. precondition with the inverse square root of the Hessian there, so that the problem the
+       optimiser sees is roughly isotropic;
+    3. L-BFGS (optax, zoom line search) until the preconditioned gradient norm is below ``tol``
+       or ``max_iter`` iterations;
+    4. Hessian at the optimum -> inverse mass matrix.
+
+    Everything runs in one jitted program; no host round trips.
+    """
+    info, potential_fn, _, _ = initialize_model(key, model, model_args=model_args,
+                                                init_strategy=init_to_median(num_samples=15))
+    flat0, unravel = ravel_pytree(info.z)
+
+    def f(x):
+        return potential_fn(unravel(x))
+
+    grad_f = jax.grad(f)
+    opt = optax.lbfgs()
+
+    @jax.jit
+    def run(x0):
+        p_half, _ = _sqrt_inv(_fd_hessian(grad_f, x0, fd_step), floor)
+
+        def g(y):  # the preconditioned objective
+            return f(x0 + p_half @ y)
+
+        value_and_grad = optax.value_and_grad_from_state(g)
+
+        def cond(carry):
+            _, _, i, gnorm = carry
+            return (i < max_iter) & (gnorm > tol)
+
+        def body(carry):
+            y, state, i, _ = carry
+            value, grad = value_and_grad(y, state=state)
+            updates, state = opt.update(grad, state, y, value=value, grad=grad, value_fn=g)
+            return optax.apply_updates(y, updates), state, i + 1, jnp.linalg.norm(grad)
+
+        y0 = jnp.zeros_like(x0)
+        y, _, i, _ = jax.lax.while_loop(cond, body, (y0, opt.init(y0), jnp.asarray(0), jnp.asarray(jnp.inf)))
+        x = x0 + p_half @ y
+        value, grad = jax.value_and_grad(f)(x)
+        _, inv = _sqrt_inv(_fd_hessian(grad_f, x, fd_step), floor)
+        return x, inv, value, jnp.linalg.norm(grad), i
+
+    x, inv, value, gnorm, i = run(flat0)
+    return LaplaceInit(z_map=unravel(x), flat_map=x, inverse_mass_matrix=inv, potential=value,
+                       grad_norm=gnorm, num_iter=i)

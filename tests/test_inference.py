@@ -1,0 +1,124 @@
+"""Log-density gradients, determinism, solver-failure handling and the CLI on the example."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import xarray as xr
+from jax.flatten_util import ravel_pytree
+from numpyro.infer import init_to_median
+from numpyro.infer.util import initialize_model
+
+from data import EXAMPLE_DIR, load_imaging
+from inference._cli import main
+from inference._fit import SamplerConfig, build_problem, run_nuts
+from inference._model import default_plan, imaging_model
+from models import SolverConfig
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    """Three cells of the bundled example, tight ODE tolerances."""
+    ds = load_imaging(EXAMPLE_DIR / "traces.csv", EXAMPLE_DIR / "protocol.toml",
+                      exclude_cells=[f"cell{i:03d}" for i in range(4, 13)])
+    return ds, build_problem(ds, SolverConfig(rtol=1e-10, atol=1e-13, max_steps=20_000))
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_log_density_gradient_matches_finite_differences(small_problem, centered):
+    _, problem = small_problem
+    plan = default_plan(probe_kd_nM=15.0, centered=centered)
+    info, potential_fn, _, _ = initialize_model(jax.random.key(0), imaging_model, model_args=(problem, plan),
+                                                init_strategy=init_to_median(num_samples=15))
+    x0, unravel = ravel_pytree(info.z)
+    x0 = x0 + 0.05 * jax.random.normal(jax.random.key(1), x0.shape)  # off the prior median
+    f = jax.jit(lambda x: potential_fn(unravel(x)))
+    g = np.asarray(jax.jit(jax.grad(lambda x: potential_fn(unravel(x))))(x0))
+    h = 1e-5
+    eye = np.eye(x0.size) * h
+    fd = np.array([(f(x0 + e) - f(x0 - e)) / (2 * h) for e in eye])
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-4 * np.max(np.abs(fd)))
+
+
+def test_failed_solve_gives_minus_infinity_and_is_counted(small_problem):
+    ds, _ = small_problem
+    problem = build_problem(ds, SolverConfig(max_steps=16))  # far too few steps for any cell
+    plan = default_plan(probe_kd_nM=15.0)
+    from numpyro.handlers import seed, trace
+
+    tr = trace(seed(imaging_model, 0)).get_trace(problem, plan)
+    assert int(tr["solver_failures"]["value"]) == 3
+    assert float(tr["solver_ok"]["fn"].log_prob(0.0)) == -np.inf
+
+
+def _tiny_fit(problem, cell_id):
+    plan = default_plan(probe_kd_nM=15.0)
+    cfg = SamplerConfig(num_warmup=30, num_samples=20, num_chains=2)
+    return run_nuts(problem, plan, cfg, key=jax.random.key(7), cell_id=cell_id, progress_bar=False)
+
+
+def test_same_seed_same_draws_and_tree_groups(small_problem):
+    ds, _ = small_problem
+    problem = build_problem(ds)
+    a = _tiny_fit(problem, ds.traces.cell_id)
+    b = _tiny_fit(problem, ds.traces.cell_id)
+    for name in a.tree["posterior"].data_vars:
+        np.testing.assert_array_equal(a.tree["posterior"][name].values, b.tree["posterior"][name].values)
+    tree = a.tree
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data", "constant_data"):
+        assert group in tree.children, group
+    assert tree["posterior"]["zc_rest_nM_cell"].dims == ("chain", "draw", "cell")
+    assert tree["posterior_predictive"]["intensity"].dims == ("chain", "draw", "cell", "time")
+    assert tree["log_likelihood"]["intensity"].shape == (2, 20, 3, 121)
+    assert "solver_failures" in tree["sample_stats"]
+    assert list(tree["observed_data"]["cell"].values) == ["cell001", "cell002", "cell003"]
+
+
+def test_fit_example_config_writes_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", str(EXAMPLE_DIR / "fit.toml"), "--out", str(out), "--no-progress"]) == 0
+    for name in ("posterior.nc", "summary.csv", "run.json", "rank.png", "trace.png", "ppc_traces.png"):
+        assert (out / name).stat().st_size > 0, name
+    tree = xr.open_datatree(out / "posterior.nc", engine="h5netcdf")
+    assert {"posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data",
+            "constant_data"} <= set(tree.children)
+    assert tree["posterior"].sizes["cell"] == 12
+    assert tree["observed_data"]["intensity"].dims == ("cell", "time")
+    run = json.loads((out / "run.json").read_text())
+    assert run["diagnostics"]["max_r_hat"] < 1.05
+    assert run["diagnostics"]["draws_with_solver_failures"] == 0
+    # a second fit into the same folder must not overwrite it
+    assert main(["fit", str(EXAMPLE_DIR / "fit.toml"), "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a fit" in capsys.readouterr().err
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "fit.toml"
+    cfg.write_text('[data]\ntraces = "t.csv"\nprotocol = "p.toml"\n[sampler]\nnum_chains = 0\nwarmup = 3\n')
+    assert main(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "key 'sampler.num_chains'" in err and "key 'sampler.warmup': Extra inputs are not permitted" in err
+    assert "Traceback" not in err
+    cfg.write_text(f'[data]\ntraces = "{EXAMPLE_DIR / "traces.csv"}"\nprotocol = "{tmp_path / "missing.toml"}"\n')
+    assert main(["check", str(cfg)]) == 2
+    assert "missing.toml: the protocol file does not exist" in capsys.readouterr().err
+
+
+def test_check_example(capsys):
+    assert main(["check", str(EXAMPLE_DIR / "fit.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "12 cells x 121 frames" in out and "probe FluoZin-3 (Kd 15 nM)" in out
+
+
+def test_simulate_writes_dataset_that_loads(tmp_path):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--out", str(out), "--num-cells", "3", "--seed", "3"]) == 0
+    ds = load_imaging(out / "traces.csv", out / "protocol.toml")
+    truth = json.loads((out / "truth.json").read_text())
+    assert ds.traces.intensity.shape == (3, 121)
+    assert set(truth["cells"]["zc_rest_nM"]) == set(ds.traces.cell_id)
+    assert (out / "COMMAND.txt").read_text().startswith("zinckin simulate")
+    assert main(["simulate", "--out", str(out), "--num-cells", "3"]) == 2  # no silent overwrite

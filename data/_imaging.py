@@ -63,7 +63,7 @@ def _line(i: int) -> str:
     return f"line {i + 2}"  # header is line 1
 
 
-def _numeric(path, series: pd.Series, column: str, cells: pd.Series | None, allow_missing: bool):
+def _numeric(path, series: pd.Series, column: str, cells: pd.Series | None):
     """Convert strings to floats; non-numeric -> DataError; empty/NaN -> NaN (or error)."""
     text = series.astype("string").str.strip()
     values = pd.to_numeric(text, errors="coerce")
@@ -127,11 +127,11 @@ def read_long(path, *, time_unit: str, cell_column="cell", time_column="time",
     if cells.isna().any() or (cells == "").any():
         i = int(np.flatnonzero((cells.isna() | (cells == "")).to_numpy())[0])
         raise DataError(path, f"empty cell id in column '{cell_column}'.", "give every row a cell id.", where=_line(i))
-    t, t_empty = _numeric(path, df[time_column], time_column, cells, allow_missing=False)
+    t, t_empty = _numeric(path, df[time_column], time_column, cells)
     if t_empty.any():
         i = int(np.flatnonzero(t_empty)[0])
         raise DataError(path, f"missing time in column '{time_column}' (cell '{cells.iloc[i]}').", "fill in the frame time.", where=_line(i))
-    y, y_empty = _numeric(path, df[intensity_column], intensity_column, cells, allow_missing=mask_missing)
+    y, y_empty = _numeric(path, df[intensity_column], intensity_column, cells)
 
     order: dict[str, list[int]] = {}
     for i, c in enumerate(cells.tolist()):
@@ -219,7 +219,7 @@ def read_fiji_wide(path, *, time_unit: str, frame_interval_min: float | None = N
     if time_column is not None:
         if time_column not in df.columns:
             raise DataError(path, f"time column '{time_column}' is missing.", "fix time_column in the config.")
-        t, empty = _numeric(path, df[time_column], time_column, None, allow_missing=False)
+        t, empty = _numeric(path, df[time_column], time_column, None)
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
             raise DataError(path, f"missing time in column '{time_column}'.", "fill in the frame time.", where=_line(i))
@@ -239,7 +239,7 @@ def read_fiji_wide(path, *, time_unit: str, frame_interval_min: float | None = N
         )
     names, rows = [], []
     for c, j in seen.items():
-        y, empty = _numeric(path, df.iloc[:, j], c, None, allow_missing=mask_missing)
+        y, empty = _numeric(path, df.iloc[:, j], c, None)
         if empty.any() and not mask_missing:
             i = int(np.flatnonzero(empty)[0])
             raise DataError(

@@ -121,6 +121,7 @@ def cmd_fit(args) -> int:
 
     from ._fit import build_problem, population_var_names, run_nuts
     from ._output import (
+        atomic_write,
         diagnostics,
         plot_ppc_traces,
         plot_rank,
@@ -149,8 +150,6 @@ def cmd_fit(args) -> int:
     diag = diagnostics(result.tree, names)
     diag["sampling_seconds"] = round(elapsed, 1)
     write_tree(result.tree, out / "posterior.nc")
-    from ._output import atomic_write
-
     atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
     write_json({"diagnostics": diag, "config": config.model_dump(), "config_file": str(Path(args.config).resolve()),
                 "fixed": plan.fixed, "per_cell": list(plan.per_cell)}, out / "run.json")
@@ -158,10 +157,7 @@ def cmd_fit(args) -> int:
     plot_trace(result.tree, names, out / "trace.png")
     plot_ppc_traces(result.tree, out / "ppc_traces.png", num_cells=config.output.num_ppc_cells)
     with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
-    import pandas as pd
-
-    with pd.option_context("display.width", 140, "display.float_format", "{:.4g}".format):
-        print(summary[[c for c in with_cols if c in summary.columns]])
+    print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
     verdict = (diag["max_r_hat"] < 1.01 and diag["min_ess_bulk"] > 400 and diag["min_ess_tail"] > 400
                and diag["divergences"] == 0)
     print(json.dumps(diag))

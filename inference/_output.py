@@ -13,6 +13,7 @@ import arviz_plots as azp  # noqa: E402
 import arviz_stats as azs  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def write_tree(tree: xr.DataTree, path: Path) -> None:
     atomic_write(path, lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"))
 
 
-def population_summary(tree: xr.DataTree, var_names) -> "pandas.DataFrame":  # noqa: F821
+def population_summary(tree: xr.DataTree, var_names) -> pd.DataFrame:
     """mean, sd, 90% HDI, bulk and tail ESS, R-hat for the population parameters."""
     return azs.summary(tree, var_names=list(var_names), ci_prob=0.9, ci_kind="hdi", round_to="none")
 

@@ -1,1 +1,18 @@
 """Bayesian inference for zinc homeostasis models (numpyro)."""
+
+from ._config import ConfigError as ConfigError, FitConfig as FitConfig, load_config as load_config
+from ._fit import (
+    FitResult as FitResult,
+    SamplerConfig as SamplerConfig,
+    build_problem as build_problem,
+    population_var_names as population_var_names,
+    run_nuts as run_nuts,
+)
+from ._laplace import LaplaceInit as LaplaceInit, laplace_init as laplace_init
+from ._model import (
+    ImagingProblem as ImagingProblem,
+    ParameterPlan as ParameterPlan,
+    default_plan as default_plan,
+    imaging_model as imaging_model,
+)
+from ._simulate import SimulationSettings as SimulationSettings, simulate_imaging as simulate_imaging

@@ -118,8 +118,7 @@ def test_zinc_without_unit_and_with_two_units(tmp_path):
 
 def test_protocol_time_outside_recording(example):
     traces, protocol = example
-    # segment starts written in minutes while time_unit says seconds would still fit; a start
-    # past the end of the recording must not
+    # a segment that starts after the last frame (here: a typo in the Fmin start)
     protocol.write_text(PROTOCOL.replace("start = 1500", "start = 2500"))
     with pytest.raises(DataError, match=r"segment 5 \(fmin\) starts at 2500 s, outside the recording in .*traces.csv \(0 to 1800 s\)"):
         load_imaging(traces, protocol)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from ._errors import DataError as DataError
+from ._genes import REFERENCE_GENES as REFERENCE_GENES, TARGET_GENES as TARGET_GENES, canonical_gene as canonical_gene
 from ._imaging import (
     ImagingDataset as ImagingDataset,
     ImagingTraces as ImagingTraces,
@@ -13,7 +14,17 @@ from ._imaging import (
     write_long_csv as write_long_csv,
 )
 from ._protocol import Protocol as Protocol, Segment as Segment, read_protocol as read_protocol
+from ._qpcr import (
+    CtTable as CtTable,
+    FoldChangeTable as FoldChangeTable,
+    livak_fold_change as livak_fold_change,
+    read_ct as read_ct,
+    read_fold_change as read_fold_change,
+)
 
 
 EXAMPLE_DIR: Path = Path(__file__).parent / "example"
 """Folder of the bundled example imaging data set (made by ``zinckin simulate``)."""
+
+GLYCINATE_DIR: Path = Path(__file__).parent / "glycinate"
+"""Folder of the bundled real qPCR fold-change tables from the seed document (see PROVENANCE.md there)."""

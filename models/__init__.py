@@ -23,3 +23,13 @@ from ._solve import (
     full_model_config as full_model_config,
     solve as solve,
 )
+from ._steady import SteadyState as SteadyState, SteadyStateConfig as SteadyStateConfig, steady_state as steady_state
+from ._transcription import (
+    GENE_SPECS as GENE_SPECS,
+    REGULATION_KINDS as REGULATION_KINDS,
+    TRANSCRIPTION_SPECS as TRANSCRIPTION_SPECS,
+    GeneSpec as GeneSpec,
+    MTF1Transcription as MTF1Transcription,
+    TranscriptionParams as TranscriptionParams,
+    default_transcription_params as default_transcription_params,
+)

@@ -55,3 +55,55 @@ def solve_full_reference(p: dict, starts, kinds, zn, ts, *, kon=6.0, rtol=1e-10,
         out[sel] = sol.sol(np.minimum(ts[sel], t_last)).T
         y = sol.y[:, -1]
     return out[:, 0], out[:, 3] / p["probe_total_nM"]
+
+
+# --- Model B (MTF-1 transcription), in natural units (Zc in nM, mRNA relative to control) ---------
+
+
+def mtf1_synthesis(zc, p, regulation):
+    a = zc ** p["n"] / (p["K"] ** p["n"] + zc ** p["n"])
+    out = []
+    for i, kind in enumerate(regulation):
+        if kind == "induced":
+            out.append(1.0 + p["A"][i] * a)
+        elif kind == "repressed":
+            out.append(1.0 / (1.0 + p["A"][i] * a))
+        else:
+            out.append((1.0 + p["A"][i] * a) / (1.0 + (zc / p["K2"][i]) ** p["n2"][i]))
+    return np.array(out)
+
+
+def mtf1_rhs(t, y, p, regulation, genes, u, feedback):
+    zc, m = y[0], y[1:]
+    q = mtf1_synthesis(zc, p, regulation) / mtf1_synthesis(p["zr"], p, regulation)
+    phi = u / (p["Kabs"] + u)
+    if feedback:
+        supply = p["zr"] * (1.0 + p["G"] * phi * m[genes.index("ZIP4")])
+        efflux = m[genes.index("ZnT1")] * zc
+    else:
+        supply, efflux = p["zr"] * (1.0 + p["G"] * phi), zc
+    return np.concatenate([[p["kzn"] * (supply - efflux)], p["delta"] * (q - m)])
+
+
+def mtf1_time_course_reference(p, regulation, genes, u, ts, feedback):
+    """SciPy Radau from the control steady state (Zc = zr, m = 1), rtol 1e-11."""
+    y0 = np.concatenate([[p["zr"]], np.ones(len(genes))])
+    sol = solve_ivp(mtf1_rhs, (0.0, ts[-1]), y0, method="Radau", t_eval=ts, rtol=1e-11, atol=1e-13,
+                    args=(p, regulation, genes, u, feedback))
+    assert sol.success, sol.message
+    return sol.y.T
+
+
+def mtf1_steady_reference(p, regulation, genes, u, feedback):
+    """Steady state by bracketing the scalar balance z q_ZnT1(z)^b = 1 + G phi q_ZIP4(z)^b in z = Zc/zr."""
+    from scipy.optimize import brentq
+
+    phi = u / (p["Kabs"] + u)
+    q = lambda z: mtf1_synthesis(z * p["zr"], p, regulation) / mtf1_synthesis(p["zr"], p, regulation)  # noqa: E731
+    if feedback:
+        i1, i4 = genes.index("ZnT1"), genes.index("ZIP4")
+        g = lambda z: z * q(z)[i1] - 1.0 - p["G"] * phi * q(z)[i4]  # noqa: E731
+    else:
+        g = lambda z: z - 1.0 - p["G"] * phi  # noqa: E731
+    z = brentq(g, 1.0 - 1e-12, 1.0 + p["G"] * phi + 1e-9, xtol=1e-15, rtol=1e-15)
+    return z, q(z)

@@ -1,6 +1,11 @@
 """Bayesian inference for zinc homeostasis models (numpyro)."""
 
-from ._config import ConfigError as ConfigError, FitConfig as FitConfig, load_config as load_config
+from ._config import (
+    ConfigError as ConfigError,
+    FitConfig as FitConfig,
+    TranscriptFitConfig as TranscriptFitConfig,
+    load_config as load_config,
+)
 from ._fit import (
     FitResult as FitResult,
     SamplerConfig as SamplerConfig,
@@ -15,4 +20,15 @@ from ._model import (
     default_plan as default_plan,
     imaging_model as imaging_model,
 )
-from ._simulate import SimulationSettings as SimulationSettings, simulate_imaging as simulate_imaging
+from ._simulate import SimulationSettings as SimulationSettings, simulate_ct as simulate_ct, simulate_imaging as simulate_imaging
+from ._transcripts import (
+    TranscriptFit as TranscriptFit,
+    TranscriptPlan as TranscriptPlan,
+    TranscriptProblem as TranscriptProblem,
+    bioavailability_summary as bioavailability_summary,
+    build_transcript_problem as build_transcript_problem,
+    default_transcript_plan as default_transcript_plan,
+    ppc_coverage as ppc_coverage,
+    run_transcript_nuts as run_transcript_nuts,
+    transcript_model as transcript_model,
+)

@@ -85,12 +85,37 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _load_transcripts(config, base):
+    from data import canonical_gene, read_ct, read_fold_change
+
+    from ._config import ConfigError
+    from ._transcripts import build_transcript_problem
+
+    t = config.transcripts
+    if t.fold_change is not None:
+        table = read_fold_change(base / t.fold_change, dose_unit=t.dose_unit)
+    else:
+        table = read_ct(base / t.ct, reference_genes=t.reference_genes, ct_cutoff=t.ct_cutoff, dose_unit=t.dose_unit)
+    plan = config.transcript_plan()
+    efficiency = {}
+    for name, value in t.efficiency.items():
+        gene = canonical_gene(name, extra_reference=t.reference_genes)
+        if gene is None or (hasattr(table, "reference_genes") and gene not in table.frame["gene"].values):
+            raise ConfigError(f"[transcripts] efficiency: gene {name!r} is not in {table.path}. "
+                              "Fix: use a gene name of the table (aliases such as SLC30A1 are accepted).")
+        efficiency[gene] = value
+    problem = build_transcript_problem(table, plan, efficiency=efficiency, steady=config.steady_config())
+    return table, plan, problem
+
+
 def _load(config_path):
     from data import load_imaging
 
-    from ._config import load_config
+    from ._config import TranscriptFitConfig, load_config
 
     config, base = load_config(config_path)
+    if isinstance(config, TranscriptFitConfig):
+        return (config, *_load_transcripts(config, base))
     d = config.data
     dataset = load_imaging(
         base / d.traces, base / d.protocol, format=d.format, mask_missing=d.mask_missing,
@@ -101,9 +126,42 @@ def _load(config_path):
     return config, dataset, plan
 
 
+def _describe_transcripts(table, plan, problem) -> None:
+    from ._transcripts import sampled_names
+
+    kind = "fold-change table" if problem.kind == "fold_change" else "raw Ct table"
+    n_rows = len(table.frame)
+    print(f"{kind} {table.path}: {n_rows} rows; genes {', '.join(problem.genes)}; tissues "
+          + ", ".join(f"{t} [{s}]" for t, s in zip(problem.tissues, problem.species))
+          + f"; forms {', '.join(problem.forms)} (reference {problem.reference_form}); doses "
+          + ", ".join(f"{d:g}" for d in problem.doses) + f" {problem.dose_unit}")
+    if problem.kind == "ct":
+        n_cens = int(table.frame["censored"].sum())
+        print(f"  {len(table.samples)} samples, reference genes {', '.join(table.reference_genes)}, "
+              f"{n_cens} censored wells (cutoff {table.ct_cutoff:g})")
+    model = "groupwise fold changes" if plan.model == "groupwise" else (
+        "MTF-1 model B (" + ", ".join(f"{g}: {r}" for g, r in zip(problem.model.genes, problem.model.regulation))
+        + f"; feedback {'on' if plan.feedback else 'off'})")
+    print(f"model: {model}")
+    print(f"sampled: {', '.join(sampled_names(problem, plan))}; per tissue: {', '.join(plan.per_tissue) or '-'}; "
+          f"fixed: {', '.join(f'{k}={v:g}' for k, v in plan.fixed.items()) or '-'}")
+
+
 def cmd_check(args) -> int:
     _enable_x64()
-    config, dataset, plan = _load(args.config)
+    from ._config import TranscriptFitConfig
+
+    loaded = _load(args.config)
+    if isinstance(loaded[0], TranscriptFitConfig):
+        print(f"config {args.config}: OK")
+        _describe_transcripts(*loaded[1:])
+        if loaded[3].kind == "ct":
+            from data import livak_fold_change
+
+            print("classic 2^-ddCt fold changes (Livak & Schmittgen 2001; censored wells left out):")
+            print(livak_fold_change(loaded[1]).to_string(index=False, float_format="{:.3g}".format))
+        return 0
+    config, dataset, plan = loaded
     tr = dataset.traces
     print(f"config {args.config}: OK")
     print(f"traces {tr.path}: {len(tr.cell_id)} cells x {tr.time_min.size} frames, "
@@ -119,6 +177,7 @@ def cmd_fit(args) -> int:
     _enable_x64()
     import jax
 
+    from ._config import TranscriptFitConfig
     from ._fit import build_problem, population_var_names, run_nuts
     from ._output import (
         atomic_write,
@@ -131,10 +190,13 @@ def cmd_fit(args) -> int:
         write_tree,
     )
 
-    config, dataset, plan = _load(args.config)
-    out = Path(args.out) if args.out else Path(config.output.dir)
+    loaded = _load(args.config)
+    out = Path(args.out) if args.out else Path(loaded[0].output.dir)
     if (out / "posterior.nc").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
+    if isinstance(loaded[0], TranscriptFitConfig):
+        return _fit_transcripts(args, out, *loaded)
+    config, dataset, plan = loaded
     problem = build_problem(dataset, config.solver_config())
     sampler = config.sampler_config()
     tr = dataset.traces
@@ -158,6 +220,11 @@ def cmd_fit(args) -> int:
     plot_ppc_traces(result.tree, out / "ppc_traces.png", num_cells=config.output.num_ppc_cells)
     with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
     print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+    _print_verdict(diag, out)
+    return 0
+
+
+def _print_verdict(diag: dict, out: Path) -> None:
     verdict = (diag["max_r_hat"] < 1.01 and diag["min_ess_bulk"] > 400 and diag["min_ess_tail"] > 400
                and diag["divergences"] == 0)
     print(json.dumps(diag))
@@ -165,6 +232,57 @@ def cmd_fit(args) -> int:
            "NOT converged by the strict gate (R-hat < 1.01, ESS > 400, no divergences): "
            "run longer chains before trusting the posterior")
           + f"; results in {out}/")
+
+
+def _fit_transcripts(args, out: Path, config, table, plan, problem) -> int:
+    import jax
+
+    from data import CtTable, livak_fold_change
+
+    from ._output import atomic_write, diagnostics, plot_dose_response, plot_rank, plot_trace, population_summary, write_json, write_tree
+    from ._transcripts import bioavailability_summary, ppc_coverage, run_transcript_nuts, sampled_names
+
+    _describe_transcripts(table, plan, problem)
+    sampler = config.sampler_config()
+    print(f"fitting: {sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws), "
+          f"seed {config.seed}", flush=True)
+    t0 = time.perf_counter()
+    fit = run_transcript_nuts(problem, plan, sampler, key=jax.random.key(config.seed), progress_bar=not args.no_progress,
+                              table=table)
+    elapsed = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    names = sampled_names(problem, plan)
+    summary = population_summary(fit.tree, names)
+    diag = diagnostics(fit.tree, names)
+    diag["sampling_seconds"] = round(elapsed, 1)
+    bio = bioavailability_summary(fit.tree)
+    record = {"diagnostics": diag, "bioavailability": bio, "config": config.model_dump(),
+              "config_file": str(Path(args.config).resolve()), "fixed": plan.fixed}
+    livak = livak_fold_change(table) if isinstance(table, CtTable) else None
+    coverage = None
+    if problem.kind == "fold_change":
+        coverage = ppc_coverage(fit.tree)
+        record["ppc_90_coverage"] = {"covered": int(coverage["covered"].sum()), "observations": len(coverage)}
+    write_tree(fit.tree, out / "posterior.nc")
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
+    if coverage is not None:
+        atomic_write(out / "ppc_coverage.csv", lambda tmp: coverage.to_csv(tmp, index=False))
+    if livak is not None:
+        atomic_write(out / "livak.csv", lambda tmp: livak.to_csv(tmp, index=False))
+    write_json(record, out / "run.json")
+    scalar_names = [n for n in names if n not in ("log_fc",)]
+    plot_rank(fit.tree, scalar_names, out / "rank.png")
+    plot_trace(fit.tree, scalar_names, out / "trace.png")
+    plot_dose_response(fit.tree, out / "dose_response.png", livak=livak)
+    with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
+    print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+    for b in bio:
+        print(f"bioavailability of {b['form']} relative to {b['reference']}: median {b['median']:.3g}, "
+              f"90% interval [{b['q0.05']:.3g}, {b['q0.95']:.3g}], P(> 1) = {b['p_greater_than_1']:.2f}")
+    if coverage is not None:
+        print("posterior predictive check (90% intervals):")
+        print(coverage.to_string(index=False, float_format="{:.3g}".format))
+    _print_verdict(diag, out)
     return 0
 
 

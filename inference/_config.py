@@ -8,10 +8,11 @@ from typing import Literal
 import numpyro.distributions as dist
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models import PARAM_SPECS, SolverConfig
+from models import GENE_SPECS, PARAM_SPECS, REGULATION_KINDS, TRANSCRIPTION_SPECS, SolverConfig, SteadyStateConfig
 
 from ._fit import SamplerConfig
 from ._model import DEFAULT_FIXED, DEFAULT_PER_CELL, ParameterPlan, default_plan
+from ._transcripts import DEFAULT_PER_TISSUE, DEFAULT_TRANSCRIPT_FIXED, TISSUE_PARAMS, TranscriptPlan
 
 
 class ConfigError(ValueError):
@@ -131,8 +132,125 @@ class FitConfig(_Strict):
                             centered=self.model.parameterization == "centered")
 
 
-def load_config(path) -> tuple[FitConfig, Path]:
+TRANSCRIPT_PARAM_NAMES = tuple(TRANSCRIPTION_SPECS) + tuple(f"amplitude_{g}" for g in GENE_SPECS)
+
+
+class TranscriptSection(_Strict):
+    """``[transcripts]``: a qPCR data set, as a fold-change table or as raw Ct."""
+
+    fold_change: str | None = None
+    ct: str | None = None
+    dose_unit: str | None = None
+    reference_genes: list[str] = Field(default_factory=list)
+    ct_cutoff: float = Field(default=40.0, gt=0)
+    efficiency: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_file(self):
+        if (self.fold_change is None) == (self.ct is None):
+            raise ValueError("give exactly one of 'fold_change' (a fold-change table) or 'ct' (raw Ct wells)")
+        if self.ct is not None and not self.reference_genes:
+            raise ValueError("raw Ct data need 'reference_genes' (the normaliser genes, e.g. [\"GAPDH\"])")
+        bad = {g: e for g, e in self.efficiency.items() if not (1.0 < e <= 2.2)}
+        if bad:
+            raise ValueError(f"efficiency is the amplification factor per cycle (2 = 100%), in (1, 2.2]; got {bad}")
+        return self
+
+
+class TranscriptModelSection(_Strict):
+    name: Literal["mtf1", "groupwise"] = "mtf1"
+    feedback: bool = False
+    per_tissue: list[str] = Field(default_factory=lambda: list(DEFAULT_PER_TISSUE))
+    reference_form: str = "sulfate"
+    regulation: dict[str, Literal["induced", "repressed", "biphasic"]] = Field(default_factory=dict)
+    fixed_default: list[str] = Field(default_factory=lambda: list(DEFAULT_TRANSCRIPT_FIXED))
+    noise_scale: float = Field(default=0.5, gt=0)
+
+    @field_validator("per_tissue")
+    @classmethod
+    def _tissue_params(cls, v):
+        bad = [n for n in v if n not in TISSUE_PARAMS]
+        if bad:
+            raise ValueError(f"{bad} cannot vary per tissue; choose from {list(TISSUE_PARAMS)}")
+        return v
+
+    @field_validator("fixed_default")
+    @classmethod
+    def _fixed_known(cls, v):
+        bad = [n for n in v if n not in TRANSCRIPTION_SPECS]
+        if bad:
+            raise ValueError(f"unknown parameter(s) {bad}; known: {list(TRANSCRIPTION_SPECS)}")
+        return v
+
+    @field_validator("regulation")
+    @classmethod
+    def _genes_known(cls, v):
+        bad = [g for g in v if g not in GENE_SPECS]
+        if bad:
+            raise ValueError(f"unknown gene(s) {bad}; known: {list(GENE_SPECS)} (kinds: {list(REGULATION_KINDS)})")
+        return v
+
+
+class SteadySection(_Strict):
+    tol: float = Field(default=1e-9, gt=0)
+    max_newton_steps: int = Field(default=64, ge=1)
+    t_max_h: float = Field(default=1e4, gt=0)
+
+
+class TranscriptSamplerSection(SamplerSection):
+    # transcript posteriors have few dimensions and scales that the MAP's curvature misses
+    # (noise and random-effect sds near 0): re-estimating the dense metric in warmup pays.
+    adapt_mass_matrix: bool = True
+
+
+class TranscriptFitConfig(_Strict):
+    """A transcript fit: ``[transcripts]`` instead of ``[data]``. Paths are relative to the config file."""
+
+    transcripts: TranscriptSection
+    model: TranscriptModelSection = TranscriptModelSection()
+    priors: dict[str, PriorSpec] = Field(default_factory=dict)
+    steady_state: SteadySection = SteadySection()
+    sampler: TranscriptSamplerSection = TranscriptSamplerSection()
+    seed: int = 0
+    output: OutputSection = OutputSection()
+
+    @field_validator("priors")
+    @classmethod
+    def _known_priors(cls, v):
+        unknown = [n for n in v if n not in TRANSCRIPT_PARAM_NAMES]
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; known: {list(TRANSCRIPT_PARAM_NAMES)}")
+        return v
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(**self.sampler.model_dump())
+
+    def steady_config(self) -> SteadyStateConfig:
+        s = self.steady_state
+        return SteadyStateConfig(tol=s.tol, max_newton_steps=s.max_newton_steps, t_max=s.t_max_h)
+
+    def transcript_plan(self) -> TranscriptPlan:
+        m = self.model
+        fixed = {n: TRANSCRIPTION_SPECS[n].median for n in m.fixed_default}
+        priors = {}
+        for name, spec in self.priors.items():
+            if spec.fixed is not None:
+                fixed[name] = spec.fixed
+            else:
+                fixed.pop(name, None)
+                priors[name] = dist.LogNormal(math.log(spec.median), spec.log_sd)
+        for name in m.per_tissue:
+            fixed.pop(name, None)
+        return TranscriptPlan(model=m.name, priors=priors, fixed=fixed, per_tissue=tuple(m.per_tissue),
+                              reference_form=m.reference_form, feedback=m.feedback, regulation=dict(m.regulation),
+                              noise_scale=m.noise_scale)
+
+
+def load_config(path) -> tuple[FitConfig | TranscriptFitConfig, Path]:
     """Read and validate a fit config; returns the config and its folder (base of data paths).
+
+    A config with a ``[transcripts]`` table is a :class:`TranscriptFitConfig`, otherwise an
+    imaging :class:`FitConfig`.
 
     Raises
     ------
@@ -147,7 +265,7 @@ def load_config(path) -> tuple[FitConfig, Path]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}). Fix: correct the syntax there.") from None
     try:
-        config = FitConfig.model_validate(raw)
+        config = (TranscriptFitConfig if "transcripts" in raw else FitConfig).model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import arviz_plots as azp  # noqa: E402
 import arviz_stats as azs  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
@@ -122,3 +123,82 @@ def plot_ppc_traces(tree: xr.DataTree, path: Path, *, num_cells: int = 8) -> Non
 
 def write_json(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def plot_dose_response(tree: xr.DataTree, path: Path, *, livak: pd.DataFrame | None = None) -> None:
+    """One panel per (gene, tissue): observed fold changes against dose with the posterior.
+
+    Fold-change fits: observed points, the 90% posterior predictive interval of each observation
+    (bars) and, for model B, the 90% band and median of the noise-free steady-state fold change
+    on the dose grid (lines between the grid doses). Raw-Ct fits: the posterior median and 90%
+    interval of each group's fold change, with the classic 2^-ddCt estimates as points.
+    """
+    post = tree["posterior"]
+    dose_unit = tree.attrs.get("dose_unit", "")
+    forms = list(post["form"].values) if "form" in post.coords else []
+    colors = {f: f"C{i}" for i, f in enumerate(forms)}
+    if "fold_change_obs" in tree["observed_data"]:
+        obs = tree["observed_data"]["fold_change_obs"]
+        pp = tree["posterior_predictive"]["fold_change_obs"].stack(s=("chain", "draw")).transpose("obs", "s").values
+        lo, med, hi = np.quantile(pp, [0.05, 0.5, 0.95], axis=1)
+        rows = pd.DataFrame({"gene": obs["obs_gene"].values, "tissue": obs["obs_tissue"].values,
+                             "form": obs["obs_form"].values, "dose": obs["obs_dose"].values,
+                             "point": obs.values, "lo": lo, "med": med, "hi": hi})
+        point_label, bar_label = "observed", "90% predictive"
+    else:
+        g = post["group_fold_change"] if "group_fold_change" in post else None
+        if g is None:  # model B on Ct data: pick the grid values of each group
+            fc = post["fold_change"]
+            gsel = [fc.sel(tissue=t, form=f, dose=d, gene=gn) for gn, t, f, d in zip(
+                post["group_gene"].values, post["group_tissue"].values, post["group_form"].values, post["group_dose"].values)]
+            draws = np.stack([v.values.ravel() for v in gsel])
+        else:
+            draws = g.stack(s=("chain", "draw")).transpose("group", "s").values
+        lo, med, hi = np.quantile(draws, [0.05, 0.5, 0.95], axis=1)
+        rows = pd.DataFrame({"gene": post["group_gene"].values, "tissue": post["group_tissue"].values,
+                             "form": post["group_form"].values, "dose": post["group_dose"].values,
+                             "lo": lo, "med": med, "hi": hi, "point": np.nan})
+        if livak is not None:
+            key = livak.set_index(["gene", "tissue", "form", "dose"])["fold_change"]
+            rows["point"] = [key.get((r.gene, r.tissue, r.form, r.dose), np.nan) for r in rows.itertuples()]
+        point_label, bar_label = "2^-ddCt estimate", "90% posterior"
+    panels = list(dict.fromkeys(zip(rows["gene"], rows["tissue"])))
+    ncol = min(3, len(panels))
+    nrow = int(np.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, (gene, tissue) in zip(axes.flat, panels):
+        sel = rows[(rows["gene"] == gene) & (rows["tissue"] == tissue)]
+        if "fold_change" in post and gene in list(post["gene"].values):
+            fc = post["fold_change"].sel(gene=gene, tissue=tissue)
+            for form in sorted(set(sel["form"])):
+                band = fc.sel(form=form).stack(s=("chain", "draw")).transpose("dose", "s").values
+                q = np.quantile(band, [0.05, 0.5, 0.95], axis=1)
+                d = fc["dose"].values
+                ax.fill_between(d, q[0], q[2], color=colors.get(form, "C0"), alpha=0.15, lw=0)
+                ax.plot(d, q[1], color=colors.get(form, "C0"), lw=1, label=f"model B, {form}")
+        span = float(rows["dose"].max()) or 1.0
+        for k, form in enumerate(sorted(set(sel["form"]))):
+            s = sel[sel["form"] == form]
+            c = colors.get(form, "C0")
+            x = s["dose"] + 0.015 * span * (k - 0.5 * (len(set(sel["form"])) - 1))  # side by side when forms share a dose
+            ax.errorbar(x, s["med"], yerr=[s["med"] - s["lo"], s["hi"] - s["med"]], fmt="_", color=c,
+                        capsize=3, lw=1, label=f"{bar_label}, {form}")
+            ax.plot(x, s["point"], "o", color="k", ms=4, mfc=c, label=f"{point_label}, {form}")
+        ax.plot([0], [1], "o", color="k", ms=4, mfc="w", label="control (1 by definition)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_title(f"{gene}, {tissue}", fontsize=9)
+        ax.set_xlabel(f"dose ({dose_unit})", fontsize=8)
+        ax.set_ylabel("fold change vs control", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    legend = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend),  fontsize=6, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("Dose response: observed fold changes and the posterior", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _save_fig(fig, path)

@@ -114,3 +114,64 @@ def simulate_imaging(protocol: ProtocolInputs, settings: SimulationSettings, *, 
         "population": population,
         "cells": cells,
     }
+
+
+def simulate_ct(design, *, reference_genes=("GAPDH",), samples_per_group: int = 6, replicates: int = 3,
+                baseline_ct: dict | None = None, sigma_tech_ct: float = 0.15, sigma_bio: float = 0.2,
+                load_sd: float = 0.3, efficiency: dict | None = None, ct_cutoff: float = 40.0,
+                dose_unit: str = "mg/kg", seed: int = 0):
+    r"""A synthetic raw-Ct table with known fold changes (the generative model of the Ct likelihood).
+
+    Parameters
+    ----------
+    design : DataFrame with columns ``gene, tissue, species, form, dose, fold_change``: the true
+        fold change of each target gene in each group; dose-0 rows (fold change 1) are the
+        controls and must be present for every tissue.
+    reference_genes : normaliser genes (true fold change 1 everywhere).
+    samples_per_group, replicates : biological samples per group, technical wells per gene and sample.
+    baseline_ct : control-level Ct of each gene (default 25 for targets, 20 for references).
+    sigma_tech_ct : technical (well) noise sd, in cycles.
+    sigma_bio : sample-to-sample biological sd of each gene's log expression (natural log).
+    load_sd : sd of each sample's RNA input (natural log), shared by all its genes.
+    efficiency : amplification factor per cycle by gene (default 2).
+    ct_cutoff : wells whose Ct exceeds it are written as ``Undetermined``.
+
+    Returns
+    -------
+    DataFrame with columns ``gene, sample, tissue, species, form, dose, dose_unit, replicate, ct``
+    (``ct`` as text, as instruments export it), ready for :func:`data.read_ct`.
+
+    Notes
+    -----
+    $C_t = \alpha_g - (\ln FC + b_s + e_{gs}) / \ln E_g + \varepsilon$, with
+    $b_s \sim N(0, \mathrm{load\_sd}^2)$, $e_{gs} \sim N(0, \sigma_{bio}^2)$,
+    $\varepsilon \sim N(0, \sigma_{tech}^2)$.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    design = pd.DataFrame(design)
+    targets = list(dict.fromkeys(design["gene"]))
+    genes = targets + list(reference_genes)
+    base = {g: 20.0 if g in reference_genes else 25.0 for g in genes}
+    base.update(baseline_ct or {})
+    eff = {g: 2.0 for g in genes}
+    eff.update(efficiency or {})
+    groups = design[["tissue", "species", "form", "dose"]].drop_duplicates().itertuples(index=False)
+    fc = {(r.gene, r.tissue, r.species, r.form, r.dose): r.fold_change for r in design.itertuples(index=False)}
+    rows = []
+    for k, (tissue, species, form, dose) in enumerate(groups):
+        for j in range(samples_per_group):
+            sample = f"S{k + 1:02d}_{j + 1}"
+            load = rng.normal(0.0, load_sd)
+            for g in genes:
+                log_fc = 0.0 if g in reference_genes else np.log(fc.get((g, tissue, species, form, dose), np.nan))
+                if not np.isfinite(log_fc):
+                    continue
+                e = rng.normal(0.0, sigma_bio)
+                for r in range(replicates):
+                    ct = base[g] - (log_fc + load + e) / np.log(eff[g]) + rng.normal(0.0, sigma_tech_ct)
+                    rows.append({"gene": g, "sample": sample, "tissue": tissue, "species": species, "form": form,
+                                 "dose": dose, "dose_unit": dose_unit, "replicate": r + 1,
+                                 "ct": "Undetermined" if ct > ct_cutoff else f"{ct:.3f}"})
+    return pd.DataFrame(rows)

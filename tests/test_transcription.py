@@ -188,3 +188,19 @@ def test_model_rejects_inconsistent_gene_setups():
         m.MTF1Transcription.for_genes(["MT1"], feedback=True, regulation={"ZIP4": "induced"})
     with pytest.raises(ValueError, match="unknown regulation"):
         m.MTF1Transcription(genes=("MT1",), regulation=("up",), feedback=False)
+
+
+def test_docs_list_every_model_b_parameter_with_its_default_prior():
+    """docs/models.md stays true to the code for model B, as for model A."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parent.parent / "docs" / "models.md").read_text().splitlines()
+    rows = {name: spec for name, spec in m.TRANSCRIPTION_SPECS.items()}
+    for name, spec in rows.items():
+        row = next((x for x in lines if x.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        assert f"LogNormal(log {spec.median:g}, {spec.log_sd:g})" in row, name
+    for g in m.GENE_SPECS.values():
+        row = next((x for x in lines if x.startswith(f"| `amplitude_{g.name}` |")), None)
+        assert row is not None, g.name
+        assert f"LogNormal(log {g.amplitude_median:g}, {g.amplitude_log_sd:g})" in row and f"({g.regulation})" in row, g.name

@@ -143,8 +143,11 @@ def _describe_transcripts(table, plan, problem) -> None:
         "MTF-1 model B (" + ", ".join(f"{g}: {r}" for g, r in zip(problem.model.genes, problem.model.regulation))
         + f"; feedback {'on' if plan.feedback else 'off'})")
     print(f"model: {model}")
-    print(f"sampled: {', '.join(sampled_names(problem, plan))}; per tissue: {', '.join(plan.per_tissue) or '-'}; "
-          f"fixed: {', '.join(f'{k}={v:g}' for k, v in plan.fixed.items()) or '-'}")
+    line = f"sampled: {', '.join(sampled_names(problem, plan))}"
+    if plan.model == "mtf1":
+        line += (f"; per tissue: {', '.join(plan.per_tissue) or '-'}; "
+                 f"fixed: {', '.join(f'{k}={v:g}' for k, v in plan.fixed.items()) or '-'}")
+    print(line)
 
 
 def cmd_check(args) -> int:

@@ -45,7 +45,13 @@ def write_tree(tree: xr.DataTree, path: Path) -> None:
 
 def population_summary(tree: xr.DataTree, var_names) -> pd.DataFrame:
     """mean, sd, 90% HDI, bulk and tail ESS, R-hat for the population parameters."""
-    return azs.summary(tree, var_names=list(var_names), ci_prob=0.9, ci_kind="hdi", round_to="none")
+    ds = tree["posterior"].to_dataset()[list(var_names)]
+    if "group" in ds.dims and "group_gene" in ds.coords:  # transcript groups: readable row labels
+        c = ds.coords
+        ds = ds.assign_coords(group=[f"{g} {t} {f} {d:g}" for g, t, f, d in zip(
+            c["group_gene"].values, c["group_tissue"].values, c["group_form"].values, c["group_dose"].values)])
+    ds = ds.drop_vars([name for name in ds.coords if name not in ds.dims])
+    return azs.summary(ds, ci_prob=0.9, ci_kind="hdi", round_to="none")
 
 
 def diagnostics(tree: xr.DataTree, var_names) -> dict:
@@ -186,8 +192,9 @@ def plot_dose_response(tree: xr.DataTree, path: Path, *, livak: pd.DataFrame | N
             ax.plot(x, s["point"], "o", color="k", ms=4, mfc=c, label=f"{point_label}, {form}")
         ax.plot([0], [1], "o", color="k", ms=4, mfc="w", label="control (1 by definition)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{gene}, {tissue}", fontsize=9)
         ax.set_xlabel(f"dose ({dose_unit})", fontsize=8)
         ax.set_ylabel("fold change vs control", fontsize=8)

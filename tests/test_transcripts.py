@@ -253,3 +253,24 @@ def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
         draws = fc.sel(tissue="duodenum", form=form, dose=d, gene=g).values.ravel()
         q = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
         assert q[0] <= v <= q[1], (g, form, d, v, q)
+
+
+def test_raw_ct_fit_through_the_cli_writes_every_output(tmp_path, capsys):
+    """Short groupwise fit of simulated raw Ct via `zinckin fit`: the plumbing, not the statistics."""
+    simulate_ct(DESIGN, baseline_ct={"ZIP4": 36.5}, seed=0).to_csv(tmp_path / "ct.csv", index=False)
+    (tmp_path / "fit.toml").write_text(
+        '[transcripts]\nct = "ct.csv"\nreference_genes = ["Gapdh"]\nefficiency = { Gapdh = 1.98 }\n'
+        '[model]\nname = "groupwise"\n[sampler]\nnum_warmup = 40\nnum_samples = 40\n'
+    )
+    out = tmp_path / "run"
+    assert main(["fit", str(tmp_path / "fit.toml"), "--out", str(out), "--no-progress"]) == 0
+    assert "log_fc[MT1 duodenum glycinate 60]" in capsys.readouterr().out
+    for name in ("posterior.nc", "summary.csv", "livak.csv", "run.json", "dose_response.png", "rank.png", "trace.png"):
+        assert (out / name).stat().st_size > 0, name
+    import xarray as xr
+
+    tree = xr.open_datatree(out / "posterior.nc", engine="h5netcdf")
+    assert set(tree.children) >= {"posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data"}
+    assert tree["log_likelihood"]["ct"].sizes["well"] == len(read_ct(tmp_path / "ct.csv", reference_genes=["GAPDH"]).frame)
+    # a second fit into the same folder is refused, the first one is kept
+    assert main(["fit", str(tmp_path / "fit.toml"), "--out", str(out), "--no-progress"]) == 2

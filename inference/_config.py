@@ -51,6 +51,20 @@ class PriorSpec(_Strict):
         return self
 
 
+def _apply_prior_overrides(overrides: dict, fixed: dict) -> dict:
+    """Apply ``[priors]`` entries: ``fixed`` values go into ``fixed`` (in place), log-normal ones
+    are returned as numpyro priors (and taken out of ``fixed``).
+    """
+    priors = {}
+    for name, spec in overrides.items():
+        if spec.fixed is not None:
+            fixed[name] = spec.fixed
+        else:
+            fixed.pop(name, None)
+            priors[name] = dist.LogNormal(math.log(spec.median), spec.log_sd)
+    return priors
+
+
 class ModelSection(_Strict):
     name: Literal["zinc_flux"] = "zinc_flux"
     per_cell: list[str] = Field(default_factory=lambda: list(DEFAULT_PER_CELL))
@@ -117,13 +131,7 @@ class FitConfig(_Strict):
 
     def parameter_plan(self, probe_kd_nM: float) -> ParameterPlan:
         fixed = {n: PARAM_SPECS[n].median for n in self.model.fixed_default}
-        priors = {}
-        for name, spec in self.priors.items():
-            if spec.fixed is not None:
-                fixed[name] = spec.fixed
-            else:
-                fixed.pop(name, None)
-                priors[name] = dist.LogNormal(math.log(spec.median), spec.log_sd)
+        priors = _apply_prior_overrides(self.priors, fixed)
         for name in self.model.per_cell:
             fixed.pop(name, None)
         return default_plan(probe_kd_nM=probe_kd_nM, fixed=fixed, priors=priors,
@@ -232,13 +240,7 @@ class TranscriptFitConfig(_Strict):
     def transcript_plan(self) -> TranscriptPlan:
         m = self.model
         fixed = {n: TRANSCRIPTION_SPECS[n].median for n in m.fixed_default}
-        priors = {}
-        for name, spec in self.priors.items():
-            if spec.fixed is not None:
-                fixed[name] = spec.fixed
-            else:
-                fixed.pop(name, None)
-                priors[name] = dist.LogNormal(math.log(spec.median), spec.log_sd)
+        priors = _apply_prior_overrides(self.priors, fixed)
         for name in m.per_tissue:
             fixed.pop(name, None)
         return TranscriptPlan(model=m.name, priors=priors, fixed=fixed, per_tissue=tuple(m.per_tissue),

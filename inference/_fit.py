@@ -157,6 +157,23 @@ def _flatten(samples):
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
 
 
+def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
+    """The ``sample_stats`` group from numpyro's extra fields (grouped by chain) and failure counts."""
+    steps = np.asarray(extra["num_steps"])
+    stats = {
+        "diverging": np.asarray(extra["diverging"]),
+        "n_steps": steps,
+        "tree_depth": np.floor(np.log2(np.maximum(steps, 1))).astype(int) + 1,
+        "acceptance_rate": np.asarray(extra["accept_prob"]),
+        "lp": -np.asarray(extra["potential_energy"]),
+        "energy": np.asarray(extra["energy"]),
+        "step_size": np.asarray(extra["adapt_state.step_size"]),
+        "solver_failures": np.asarray(solver_failures).astype(int),
+    }
+    stats["reached_max_tree_depth"] = stats["tree_depth"] > max_tree_depth
+    return stats
+
+
 def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, extra: dict, *,
                   key, cell_id, max_tree_depth: int) -> xr.DataTree:
     """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields."""
@@ -174,17 +191,7 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
         return a.reshape((num_chains, num_draws) + a.shape[1:])
 
     posterior = {k: v for k, v in samples.items() if k != "solver_failures"}
-    stats = {
-        "diverging": np.asarray(extra["diverging"]),
-        "n_steps": np.asarray(extra["num_steps"]),
-        "tree_depth": np.floor(np.log2(np.maximum(np.asarray(extra["num_steps"]), 1))).astype(int) + 1,
-        "acceptance_rate": np.asarray(extra["accept_prob"]),
-        "lp": -np.asarray(extra["potential_energy"]),
-        "energy": np.asarray(extra["energy"]),
-        "step_size": np.asarray(extra["adapt_state.step_size"]),
-        "solver_failures": np.asarray(samples["solver_failures"]).astype(int),
-    }
-    stats["reached_max_tree_depth"] = stats["tree_depth"] > max_tree_depth
+    stats = sample_stats(extra, samples["solver_failures"], max_tree_depth)
     mask = np.asarray(problem.mask)
     observed = np.where(mask, np.asarray(problem.intensity), np.nan)
     protocol = problem.model.protocol

@@ -47,7 +47,7 @@ from models import (
     TranscriptionParams,
 )
 
-from ._fit import EXTRA_FIELDS, SamplerConfig, chain_starts
+from ._fit import EXTRA_FIELDS, SamplerConfig, chain_starts, sample_stats
 from ._laplace import laplace_init
 
 
@@ -498,17 +498,7 @@ def transcript_tree(problem: TranscriptProblem, plan: TranscriptPlan, samples: d
         if biphasic:
             coords["biphasic_gene"] = biphasic
             dims.update({"repress_k_nM": ["biphasic_gene"], "repress_hill": ["biphasic_gene"]})
-    stats = {
-        "diverging": np.asarray(extra["diverging"]),
-        "n_steps": np.asarray(extra["num_steps"]),
-        "tree_depth": np.floor(np.log2(np.maximum(np.asarray(extra["num_steps"]), 1))).astype(int) + 1,
-        "acceptance_rate": np.asarray(extra["accept_prob"]),
-        "lp": -np.asarray(extra["potential_energy"]),
-        "energy": np.asarray(extra["energy"]),
-        "step_size": np.asarray(extra["adapt_state.step_size"]),
-        "solver_failures": np.asarray(samples["solver_failures"]).astype(int),
-    }
-    stats["reached_max_tree_depth"] = stats["tree_depth"] > max_tree_depth
+    stats = sample_stats(extra, samples["solver_failures"], max_tree_depth)
     constant = {"tissue_species": np.asarray(problem.species)}
     dims["tissue_species"] = ["tissue"]
     if problem.kind == "fold_change":

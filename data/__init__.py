@@ -21,6 +21,7 @@ from ._qpcr import (
     read_ct as read_ct,
     read_fold_change as read_fold_change,
 )
+from ._timeseries import TimeSeries as TimeSeries, read_timeseries as read_timeseries
 
 
 EXAMPLE_DIR: Path = Path(__file__).parent / "example"

@@ -30,6 +30,8 @@ def _enable_x64():
 
 def cmd_simulate(args) -> int:
     _enable_x64()
+    if args.config:
+        return _simulate_custom(args)
     import jax
     import numpy as np
 
@@ -111,11 +113,15 @@ def _load_transcripts(config, base):
 def _load(config_path):
     from data import load_imaging
 
-    from ._config import TranscriptFitConfig, load_config
+    from ._config import CustomFitConfig, TranscriptFitConfig, load_config
 
     config, base = load_config(config_path)
     if isinstance(config, TranscriptFitConfig):
         return (config, *_load_transcripts(config, base))
+    if isinstance(config, CustomFitConfig):
+        from ._custom import load_custom
+
+        return config, load_custom(config, base)
     d = config.data
     dataset = load_imaging(
         base / d.traces, base / d.protocol, format=d.format, mask_missing=d.mask_missing,
@@ -150,11 +156,33 @@ def _describe_transcripts(table, plan, problem) -> None:
     print(line)
 
 
+def _describe_custom(problem) -> None:
+    from models._custom import describe_prior
+
+    m = problem.model
+    print(f"model {m.name!r} (time in {m.time_unit or 'model units'}): states {', '.join(f'{s.name} [{s.unit}]' for s in m.states)}")
+    for prm in m.parameters:
+        shared = "per data set" if prm.name in problem.per_dataset else ("data-set constant" if prm.is_fixed else "shared")
+        print(f"  {prm.name} [{prm.unit}]: {describe_prior(prm.prior)} ({shared})")
+    for d in problem.datasets:
+        counts = ", ".join(f"{k} {len(v[0])}" for k, v in d.observed.items())
+        consts = ", ".join(f"{k}={v:g}" for k, v in d.constants.items())
+        print(f"data set {d.name!r} ({d.path}): t0 = {d.t0:g}, {len(d.times)} times up to {d.times[-1]:g}; observed: {counts}"
+              + (f"; constants {consts}" if consts else ""))
+
+
 def cmd_check(args) -> int:
     _enable_x64()
-    from ._config import TranscriptFitConfig
+    from ._config import CustomFitConfig, TranscriptFitConfig
 
     loaded = _load(args.config)
+    if isinstance(loaded[0], CustomFitConfig):
+        from ._custom import check_problem
+
+        _describe_custom(loaded[1])
+        check_problem(loaded[1])
+        print(f"config {args.config}: OK (every model function ran at the prior medians on every data set's times)")
+        return 0
     if isinstance(loaded[0], TranscriptFitConfig):
         print(f"config {args.config}: OK")
         _describe_transcripts(*loaded[1:])
@@ -180,7 +208,7 @@ def cmd_fit(args) -> int:
     _enable_x64()
     import jax
 
-    from ._config import TranscriptFitConfig
+    from ._config import CustomFitConfig, TranscriptFitConfig
     from ._fit import build_problem, population_var_names, run_nuts
     from ._output import (
         atomic_write,
@@ -199,6 +227,8 @@ def cmd_fit(args) -> int:
         raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
     if isinstance(loaded[0], TranscriptFitConfig):
         return _fit_transcripts(args, out, *loaded)
+    if isinstance(loaded[0], CustomFitConfig):
+        return _fit_custom(args, out, *loaded)
     config, dataset, plan = loaded
     problem = build_problem(dataset, config.solver_config())
     sampler = config.sampler_config()
@@ -289,6 +319,96 @@ def _fit_transcripts(args, out: Path, config, table, plan, problem) -> int:
     return 0
 
 
+def _fit_custom(args, out: Path, config, problem) -> int:
+    import jax
+
+    from ._custom import check_problem, run_custom, summary_names, trajectory_bands
+    from ._output import atomic_write, diagnostics, plot_rank, plot_timeseries_fit, plot_trace, population_summary, write_json, write_tree
+
+    _describe_custom(problem)
+    check_problem(problem)
+    sampler = config.sampler_config()
+    method = config.sampler.method
+    what = ("MAP + Laplace approximation" if method == "map" else
+            f"{sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws)")
+    print(f"fitting: {what}, seed {config.seed}", flush=True)
+    t0 = time.perf_counter()
+    fit = run_custom(problem, sampler, key=jax.random.key(config.seed), method=method, progress_bar=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    names = summary_names(problem)
+    summary = population_summary(fit.tree, names)
+    record = {"method": fit.tree.attrs["method"], "config": config.model_dump(),
+              "config_file": str(Path(args.config).resolve()), "model": problem.model.name,
+              "fixed": problem.model.fixed, "per_dataset": list(problem.per_dataset)}
+    if method == "nuts":
+        diag = diagnostics(fit.tree, names)
+    else:
+        diag = {"draws_with_solver_failures": int((fit.tree["sample_stats"]["solver_failures"] > 0).sum()),
+                "map_grad_norm": float(fit.laplace.grad_norm), "map_iterations": int(fit.laplace.num_iter)}
+    diag["sampling_seconds"] = round(elapsed, 1)
+    record["diagnostics"] = diag
+    write_tree(fit.tree, out / "posterior.nc")
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
+    write_json(record, out / "run.json")
+    if method == "nuts":
+        plot_rank(fit.tree, names, out / "rank.png")
+        plot_trace(fit.tree, names, out / "trace.png")
+    plot_timeseries_fit(problem, trajectory_bands(problem, fit.tree), out / "fit.png")
+    cols = ["mean", "sd", "hdi90_lb", "hdi90_ub"] + (["ess_bulk", "ess_tail", "r_hat"] if method == "nuts" else [])
+    print(summary[[c for c in cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+    if method == "nuts":
+        _print_verdict(diag, out)
+    else:
+        print(json.dumps(diag))
+        print(f"MAP + Laplace approximation (no MCMC diagnostics apply); results in {out}/")
+    return 0
+
+
+def _simulate_custom(args) -> int:
+    import jax
+    import numpy as np
+    import pandas as pd
+
+    from ._config import CustomFitConfig, load_config
+    from ._custom import check_problem, load_custom, simulate_custom
+    from ._output import atomic_write, write_json
+
+    config, base = load_config(args.config)
+    if not isinstance(config, CustomFitConfig):
+        raise UsageError("--config must name a user-model config ([model] file = ...); imaging simulations take --protocol.")
+    problem = load_custom(config, base)
+    m = problem.model
+    values = m.reference_values()
+    for item in args.param or []:
+        name, _, text = item.partition("=")
+        if name not in m.sampled_names:
+            raise UsageError(f"--param {item}: {name!r} is not an estimated parameter (estimated: {list(m.sampled_names)}).")
+        try:
+            values[name] = float(text)
+        except ValueError:
+            raise UsageError(f"--param {item}: {text!r} is not a number.") from None
+    values = {n: values[n] for n in m.sampled_names}
+    check_problem(problem)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out.")
+    sim = simulate_custom(problem, values, key=jax.random.key(args.seed))
+    out.mkdir(parents=True, exist_ok=True)
+    for d, spec in zip(problem.datasets, config.datasets):
+        frame = pd.DataFrame({spec.time_column: d.times / d.time_factor})
+        for name, v in sim[d.name].items():
+            col = np.full(len(d.times), np.nan)
+            idx = d.observed[name][0]
+            col[idx] = v[idx]
+            frame[name] = col
+        atomic_write(out / f"{Path(spec.file).stem}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False, float_format="%.8g"))
+    write_json({"parameters": values, "seed": args.seed, "config": str(Path(args.config).resolve())}, out / "truth.json")
+    print(f"simulated {len(problem.datasets)} data set(s) of model {m.name!r} at the observed times of the config's data "
+          f"into {out}/ (+ truth.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zinckin", description="Bayesian inference for cellular zinc kinetics.")
     p.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
@@ -304,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise-fraction", type=float, default=0.03, help="noise sd as a fraction of F_min")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--record-command", help=argparse.SUPPRESS)
+    s.add_argument("--config", help="a user-model config: simulate its data sets at their observed times instead")
+    s.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="with --config: a true parameter value (default: prior medians); repeat for several")
     s.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("check", help="validate a config and its data without fitting")
@@ -321,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from data import DataError
+    from models import ModelError
 
     from ._config import ConfigError
 
@@ -330,7 +454,7 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (DataError, ConfigError, UsageError) as e:
+    except (DataError, ConfigError, ModelError, UsageError) as e:
         if args.traceback:
             traceback.print_exc()
         print(f"zinckin {args.command}: error: {e}", file=sys.stderr)

@@ -248,11 +248,70 @@ class TranscriptFitConfig(_Strict):
                               noise_scale=m.noise_scale)
 
 
-def load_config(path) -> tuple[FitConfig | TranscriptFitConfig, Path]:
+class CustomModelSection(_Strict):
+    """``[model]`` of a user-defined model: the Python file that defines it and how to use it."""
+
+    file: str
+    object: str = "model"
+    per_dataset: list[str] = Field(default_factory=list)
+    fixed: dict[str, float] = Field(default_factory=dict)
+
+
+class DatasetSection(_Strict):
+    """One ``[[datasets]]`` entry: a wide time-series table and its conditions."""
+
+    file: str
+    name: str | None = None
+    time_column: str = "time"
+    time_unit: str | None = None
+    t0: float | None = None
+    constants: dict[str, float] = Field(default_factory=dict)
+    ignore_columns: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v):
+        if v is not None and not v.isidentifier():
+            raise ValueError(f"data set name {v!r} must be an identifier (letters, digits, '_')")
+        return v
+
+
+class CustomSolverSection(_Strict):
+    """Solver overrides; keys left out keep the model file's ``ODESolver`` settings."""
+
+    method: Literal["tsit5", "dopri5", "dopri8", "kvaerno5"] | None = None
+    rtol: float | None = Field(default=None, gt=0, lt=1)
+    atol: float | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, ge=16)
+
+
+class CustomSamplerSection(SamplerSection):
+    # small user models: the dense metric re-estimated in warmup is cheap and robust to
+    # heavy-tailed priors (half-Cauchy) that the MAP's curvature misrepresents.
+    adapt_mass_matrix: bool = True
+    method: Literal["nuts", "map"] = "nuts"
+
+
+class CustomFitConfig(_Strict):
+    """A fit of a user-defined model: ``[model] file = ...`` and ``[[datasets]]``. Paths are relative to the config."""
+
+    model: CustomModelSection
+    datasets: list[DatasetSection] = Field(min_length=1)
+    solver: CustomSolverSection = CustomSolverSection()
+    sampler: CustomSamplerSection = CustomSamplerSection()
+    seed: int = 0
+    output: OutputSection = OutputSection()
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(**self.sampler.model_dump(exclude={"method"}))
+
+
+def load_config(path) -> tuple[FitConfig | TranscriptFitConfig | CustomFitConfig, Path]:
     """Read and validate a fit config; returns the config and its folder (base of data paths).
 
-    A config with a ``[transcripts]`` table is a :class:`TranscriptFitConfig`, otherwise an
-    imaging :class:`FitConfig`.
+    A config with a ``[transcripts]`` table is a :class:`TranscriptFitConfig`, one whose ``[model]``
+    names a ``file`` is a :class:`CustomFitConfig` (user-defined model), otherwise an imaging
+    :class:`FitConfig`.
 
     Raises
     ------
@@ -267,7 +326,13 @@ def load_config(path) -> tuple[FitConfig | TranscriptFitConfig, Path]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}). Fix: correct the syntax there.") from None
     try:
-        config = (TranscriptFitConfig if "transcripts" in raw else FitConfig).model_validate(raw)
+        if "transcripts" in raw:
+            kind = TranscriptFitConfig
+        elif isinstance(raw.get("model"), dict) and "file" in raw["model"]:
+            kind = CustomFitConfig
+        else:
+            kind = FitConfig
+        config = kind.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():

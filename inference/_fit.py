@@ -131,11 +131,11 @@ def chain_starts(laplace: LaplaceInit, num_chains: int, *, key, potential_model,
     """Dispersed chain starts: MAP + ``scale`` * Laplace draws, MAP wherever that is not finite.
 
     Over-dispersed starts keep R-hat meaningful; each start is checked against the potential so
-    that no chain begins where the ODE solve fails.
+    that no chain begins where the ODE solve fails. ``potential_model`` is ``(model, *model_args)``.
     """
     from numpyro.infer.util import potential_energy
 
-    model, problem, plan = potential_model
+    model, *model_args = potential_model
     chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(laplace.flat_map.shape[0]))
     eps = jax.random.normal(key, (num_chains, laplace.flat_map.shape[0]))
     flats = laplace.flat_map + scale * eps @ chol.T
@@ -143,7 +143,7 @@ def chain_starts(laplace: LaplaceInit, num_chains: int, *, key, potential_model,
 
     @jax.jit
     def check(flat):
-        pe = potential_energy(model, (problem, plan), {}, unravel(flat))
+        pe = potential_energy(model, tuple(model_args), {}, unravel(flat))
         return jnp.where(jnp.isfinite(pe), flat, laplace.flat_map)
 
     flats = jax.vmap(check)(flats)

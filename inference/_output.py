@@ -209,3 +209,29 @@ def plot_dose_response(tree: xr.DataTree, path: Path, *, livak: pd.DataFrame | N
     fig.suptitle("Dose response: observed fold changes and the posterior", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save_fig(fig, path)
+
+
+def plot_timeseries_fit(problem, bands: dict, path: Path) -> None:
+    """Data and posterior 90% band / median of every observable, one row per data set."""
+    m = problem.model
+    names = [o.name for o in m.observables]
+    n_rows, n_cols = len(problem.datasets), len(names)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.0 * n_rows), squeeze=False)
+    for r, d in enumerate(problem.datasets):
+        b = bands[d.name]
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            q = b.get(name)
+            if q is not None:
+                ax.fill_between(b["time"], q[0], q[2], color="C0", alpha=0.25, lw=0, label="90% posterior band")
+                ax.plot(b["time"], q[1], color="C0", lw=1.5, label="posterior median")
+            if name in d.observed:
+                idx, values = d.observed[name]
+                ax.plot(d.times[idx], values, "o", color="k", ms=3.5, label="data")
+            unit = next(o.unit for o in m.observables if o.name == name)
+            ax.set_title(f"{d.name}: {name}" if n_rows > 1 else name, fontsize=10)
+            ax.set_xlabel(f"time ({m.time_unit})" if m.time_unit else "time")
+            ax.set_ylabel(f"{name} ({unit})" if unit else name)
+    axes[0, 0].legend(fontsize=8, frameon=False)
+    fig.suptitle(f"model {m.name}", fontsize=11)
+    _save_fig(fig, path)

@@ -1,5 +1,19 @@
 """Kinetic models of cellular zinc homeostasis (JAX / diffrax)."""
 
+from ._custom import (
+    TIME_UNITS as TIME_UNITS,
+    LogNormal as LogNormal,
+    ModelError as ModelError,
+    Normal as Normal,
+    Observable as Observable,
+    ODEModel as ODEModel,
+    ODESolver as ODESolver,
+    Parameter as Parameter,
+    PreEquilibrated as PreEquilibrated,
+    State as State,
+    StudentT as StudentT,
+    time_conversion as time_conversion,
+)
 from ._dynamics import (
     AbstractZincModel as AbstractZincModel,
     FluxState as FluxState,

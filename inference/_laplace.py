@@ -75,10 +75,10 @@ def laplace_init(model, model_args, *, key, max_iter: int = 150, tol: float = 1e
                                                 init_strategy=init_to_median(num_samples=15))
     flat0, unravel = ravel_pytree(info.z)
 
-    def f(x):
-        return potential_fn(unravel(x))
-
-    grad_f = jax.grad(f)
+    # jitted once here so that the many uses below (Hessians, line searches) reuse one trace of
+    # the model instead of re-tracing the ODE solves in Python each time
+    f = jax.jit(lambda x: potential_fn(unravel(x)))
+    grad_f = jax.jit(jax.grad(f))
     opt = optax.lbfgs()
 
     @jax.jit

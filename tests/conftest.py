@@ -1,9 +1,19 @@
+import atexit
+import shutil
+import tempfile
+
 import jax
 import numpyro
 import pytest
 
 
 jax.config.update("jax_enable_x64", True)
+# identical programs compiled by several tests (the same fit run twice, the same model in several
+# checks) are compiled once per session
+_CACHE = tempfile.mkdtemp(prefix="zinckin-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 numpyro.enable_validation()
 
 

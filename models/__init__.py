@@ -1,5 +1,12 @@
 """Kinetic models of cellular zinc homeostasis (JAX / diffrax)."""
 
+from ._coupled import (
+    COUPLED_DEFAULT_FIXED as COUPLED_DEFAULT_FIXED,
+    COUPLED_GENES as COUPLED_GENES,
+    COUPLED_SPECS as COUPLED_SPECS,
+    coupled_model as coupled_model,
+    coupled_vector_field as coupled_vector_field,
+)
 from ._custom import (
     TIME_UNITS as TIME_UNITS,
     LogNormal as LogNormal,

@@ -194,15 +194,18 @@ class Observable:
 class PreEquilibrated:
     r"""Start every solve at the steady state of the model under baseline conditions.
 
-    The start solves $f(t_0, y^*, p_\text{baseline}) = 0$, where ``baseline`` overrides
-    parameters (for example a stimulus or dose set to its resting value) and ``t0`` is the data
-    set's start. Newton with an integration fallback, differentiated implicitly
-    (:func:`models.steady_state`); a failed search rejects the draw and is counted. The Newton
-    guess is each state's ``initial`` entry, or 1.
+    The start solves $f(t_e, y^*, p_\text{baseline}) = 0$, where ``baseline`` overrides
+    parameters (for example a stimulus or dose set to its resting value) and $t_e$ is ``time``
+    (default: the data set's ``t0``; ``-inf`` evaluates time-switched inputs before any switch).
+    Newton with an integration fallback, differentiated implicitly (:func:`models.steady_state`);
+    a failed search rejects the draw and is counted. The Newton guess is ``guess(p)`` (a mapping
+    state -> value) when given, else each state's ``initial`` entry, or 1.
     """
 
     baseline: Mapping[str, float] = dataclasses.field(default_factory=dict)
     config: SteadyStateConfig = SteadyStateConfig()
+    guess: Callable | None = None
+    time: float | None = None
 
 
 class ODESolver(eqx.Module):
@@ -458,8 +461,9 @@ class ODEModel:
 
     def initial_guess(self, p: Mapping, dtype=None):
         """The state at ``t0`` from the declarations (for PreEquilibrated: the Newton guess)."""
-        if callable(self.initial) and not isinstance(self.initial, PreEquilibrated):
-            out = self.initial(p)
+        fn = self.initial.guess if isinstance(self.initial, PreEquilibrated) else self.initial
+        if callable(fn):
+            out = fn(p)
             return jnp.stack([jnp.asarray(out[n], dtype=dtype) for n in self.state_names])
         vals = [1.0 if s.initial is None else _value(s.initial, p) for s in self.states]
         return jnp.stack([jnp.asarray(v, dtype=dtype) for v in vals])
@@ -472,8 +476,10 @@ class ODEModel:
         base = dict(zip(self.param_names, [p[n] for n in self.param_names]))
         base.update({k: jnp.asarray(v, dtype=y0.dtype) for k, v in self.initial.baseline.items()})
 
+        t_eq = t0 if self.initial.time is None else self.initial.time
+
         def f(t, y, args):
-            return self.rhs(t0, y, self.params_view(args))
+            return self.rhs(jnp.asarray(t_eq, dtype=y.dtype), y, self.params_view(args))
 
         ss = steady_state(f, y0, base, self.initial.config)
         return ss.y, ss.success

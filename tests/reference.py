@@ -107,3 +107,50 @@ def mtf1_steady_reference(p, regulation, genes, u, feedback):
         g = lambda z: z - 1.0 - p["G"] * phi  # noqa: E731
     z = brentq(g, 1.0 - 1e-12, 1.0 + p["G"] * phi + 1e-9, xtol=1e-15, rtol=1e-15)
     return z, q(z)
+
+
+def coupled_rhs(t, y, p, half_lives_h):
+    """Model C written again from docs/models.md in NumPy (states: ln Zc, Zs, 3 ln mRNA, 3 ln protein)."""
+    u, zs = y[0], y[1]
+    ell, pi = np.asarray(y[2:5]), np.asarray(y[5:8])
+    zc, zr = np.exp(u), p["zc_rest_nM"]
+    mm = lambda v, k, x: v * x / (k + x)  # noqa: E731
+    v_znt_ref = mm(p["zip_vmax_nM_per_min"], p["zip_km_uM"], p["zo_ref_uM"]) * (p["znt_km_nM"] + zr) / zr
+    leak = mm(p["seq_vmax_nM_per_min"], p["seq_km_nM"], zr) / p["store_rest_nM"]
+    zo = p["zo_before_uM"] if t < p["t_switch_min"] else p["zo_after_uM"]
+    prot = np.exp(pi)  # MT1, ZnT1, ZIP4
+
+    def act(z):
+        return z ** p["mtf1_hill"] / (p["mtf1_k_nM"] ** p["mtf1_hill"] + z ** p["mtf1_hill"])
+
+    amp = np.array([p["amplitude_MT1"], p["amplitude_ZnT1"], p["amplitude_ZIP4"]])
+    s = lambda z: np.array([1 + amp[0] * act(z), 1 + amp[1] * act(z), 1 / (1 + amp[2] * act(z))])  # noqa: E731
+    delta = np.log(2) / (np.array(half_lives_h) * 60.0)
+    kappa = np.log(2) / (np.array([p["protein_half_life_h_MT1"], p["protein_half_life_h_ZnT1"], p["protein_half_life_h_ZIP4"]]) * 60.0)
+    dell = delta * (s(zc) / s(zr) * np.exp(-ell) - 1.0)
+    dpi = kappa * (np.exp(ell - pi) - 1.0)
+    s_mt = p["mt_sites_nM"] * prot[0]
+    j = (mm(p["zip_vmax_nM_per_min"] * prot[2], p["zip_km_uM"], zo) - mm(v_znt_ref * prot[1], p["znt_km_nM"], zc)
+         - mm(p["seq_vmax_nM_per_min"], p["seq_km_nM"], zc) + leak * zs)
+    beta = 1 + s_mt * p["mt_kd_nM"] / (p["mt_kd_nM"] + zc) ** 2 + p["probe_total_nM"] * p["probe_kd_nM"] / (p["probe_kd_nM"] + zc) ** 2
+    du = (j - s_mt * dpi[0] * zc / (p["mt_kd_nM"] + zc)) / (zc * beta)
+    dzs = mm(p["seq_vmax_nM_per_min"], p["seq_km_nM"], zc) - leak * zs
+    return np.concatenate([[du, dzs], dell, dpi])
+
+
+def solve_coupled_reference(p, y0, ts, half_lives_h, *, rtol=1e-11, atol=1e-12):
+    """Radau from the pre-switch state; restarts at the medium switch so no step straddles it."""
+    ts = np.asarray(ts, dtype=float)
+    t_sw = p["t_switch_min"]
+    out = np.empty((ts.size, len(y0)))
+    y, t_start = np.asarray(y0, dtype=float), ts[0]
+    pieces = [(t_start, t_sw), (t_sw, ts[-1])] if ts[0] < t_sw < ts[-1] else [(t_start, ts[-1])]
+    for a, b in pieces:
+        sel = (ts >= a) & (ts <= b)
+        phase = a  # the rhs depends on t only through the medium, constant on each piece
+        sol = solve_ivp(lambda t, yy, phase=phase: coupled_rhs(phase, yy, p, half_lives_h),
+                        (a, b), y, method="Radau", t_eval=ts[sel], rtol=rtol, atol=atol)
+        assert sol.success, sol.message
+        out[sel] = sol.y.T
+        y = sol.y[:, -1]
+    return out

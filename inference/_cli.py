@@ -403,7 +403,7 @@ def _simulate_custom(args) -> int:
             col[idx] = v[idx]
             frame[name] = col
         atomic_write(out / f"{Path(spec.file).stem}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False, float_format="%.8g"))
-    write_json({"parameters": values, "seed": args.seed, "config": str(Path(args.config).resolve())}, out / "truth.json")
+    write_json({"parameters": values, "seed": args.seed, "config": str(args.config)}, out / "truth.json")
     print(f"simulated {len(problem.datasets)} data set(s) of model {m.name!r} at the observed times of the config's data "
           f"into {out}/ (+ truth.json)")
     return 0

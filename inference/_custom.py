@@ -229,7 +229,7 @@ class CustomFit:
 
 
 def run_custom(problem: CustomProblem, config: SamplerConfig, *, key, method: str = "nuts",
-               progress_bar: bool = True, num_laplace_draws: int = 4000) -> CustomFit:
+               progress_bar: bool = True, num_laplace_draws: int = 2000) -> CustomFit:
     """Fit with NUTS (started at the MAP with the Laplace metric) or by MAP + Laplace approximation.
 
     ``method="map"``: the posterior group holds ``num_laplace_draws`` draws of the Laplace
@@ -239,7 +239,7 @@ def run_custom(problem: CustomProblem, config: SamplerConfig, *, key, method: st
     if method not in ("nuts", "map"):
         raise ValueError(f"method must be 'nuts' or 'map', got {method!r}.")
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
-    laplace = laplace_init(custom_model, (problem,), key=k_init, max_iter=500, tol=1e-6)
+    laplace = laplace_init(custom_model, (problem,), key=k_init, max_iter=500, tol=1e-6, host_loop=True)
     if method == "map":
         chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(laplace.flat_map.shape[0]))
         eps = jax.random.normal(k_mcmc, (num_laplace_draws, laplace.flat_map.shape[0]))
@@ -249,8 +249,6 @@ def run_custom(problem: CustomProblem, config: SamplerConfig, *, key, method: st
         draws = to_constrained(flats)
         samples = {k: np.asarray(v)[None] for k, v in draws.items()}
         map_point = constrain_fn(custom_model, (problem,), {}, laplace.z_map)
-        samples_fail = _failures(problem, {k: jnp.asarray(v[0]) for k, v in samples.items()})
-        samples["solver_failures"] = samples_fail[None]
         tree = custom_tree(problem, samples, None, key=k_ppc, max_tree_depth=0)
         tree.attrs["method"] = "laplace"
         tree.attrs["map"] = str({k: np.asarray(v).tolist() for k, v in map_point.items()})
@@ -269,21 +267,23 @@ def run_custom(problem: CustomProblem, config: SamplerConfig, *, key, method: st
     return CustomFit(tree=tree, problem=problem, laplace=laplace, method=method)
 
 
-def _failures(problem, flat_samples):
-    out = Predictive(custom_model, posterior_samples=flat_samples, return_sites=["solver_failures"])(
-        jax.random.key(0), problem)
-    return np.asarray(out["solver_failures"])
-
-
 def custom_tree(problem: CustomProblem, samples: dict, extra: dict | None, *, key, max_tree_depth: int) -> xr.DataTree:
-    """The arviz DataTree of a custom-model fit (``samples`` grouped by chain)."""
+    """The arviz DataTree of a custom-model fit (``samples`` grouped by chain).
+
+    Without a ``solver_failures`` entry in ``samples`` (Laplace draws) the failures are counted
+    in the same pass as the posterior predictive draws.
+    """
     m = problem.model
-    num_chains, num_draws = samples["solver_failures"].shape[:2]
     posterior = {k: v for k, v in samples.items() if k in m.sampled_names}
+    num_chains, num_draws = next(iter(posterior.values())).shape[:2]
     flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in posterior.items()}
     sites = problem.sites()
     ll = log_likelihood(custom_model, flat, problem)
-    ppc = Predictive(custom_model, posterior_samples=flat, return_sites=[s for s, _, _ in sites])(key, problem, predictive=True)
+    ppc = Predictive(custom_model, posterior_samples=flat, return_sites=[s for s, _, _ in sites] + ["solver_failures"])(
+        key, problem, predictive=True)
+    failures = samples.get("solver_failures")
+    if failures is None:
+        failures = np.asarray(ppc["solver_failures"]).reshape(num_chains, num_draws)
 
     def by_chain(a):
         a = np.asarray(a)
@@ -307,9 +307,9 @@ def custom_tree(problem: CustomProblem, samples: dict, extra: dict | None, *, ke
         constant[f"fixed_{name}"] = np.array([problem.datasets[i].constants.get(name, value) for i in range(len(problem.datasets))])
         dims[f"fixed_{name}"] = ["dataset"]
     if extra is not None:
-        stats = sample_stats(extra, samples["solver_failures"], max_tree_depth)
+        stats = sample_stats(extra, failures, max_tree_depth)
     else:
-        stats = {"solver_failures": np.asarray(samples["solver_failures"]).astype(int)}
+        stats = {"solver_failures": np.asarray(failures).astype(int)}
     groups = {
         "posterior": posterior,
         "posterior_predictive": {s: by_chain(ppc[s]) for s, _, _ in sites},

@@ -1,5 +1,11 @@
 """Readers, validation and bundled data sets for zinckin."""
 
+import os as _os
+
+
+_os.environ.setdefault("EQX_ON_ERROR", "off")  # before equinox is imported; see models/__init__.py
+
+
 from pathlib import Path
 
 from ._errors import DataError as DataError

@@ -1,5 +1,11 @@
 """Bayesian inference for zinc homeostasis models (numpyro)."""
 
+import os as _os
+
+
+_os.environ.setdefault("EQX_ON_ERROR", "off")  # before equinox is imported; see models/__init__.py
+
+
 from ._config import (
     ConfigError as ConfigError,
     FitConfig as FitConfig,

@@ -1,5 +1,17 @@
 """Kinetic models of cellular zinc homeostasis (JAX / diffrax)."""
 
+import os as _os
+
+
+# Runtime checks inside equinox/lineax/optimistix (for example a linear solve that meets a NaN at
+# a wild parameter draw) are off: the NaN flows on, the solve's own result code and the
+# finiteness checks of models and inference mark that row as failed (log density -inf, counted)
+# and sampling goes on. Raising would kill a run over one bad draw; "nan" mode would poison every
+# row of a vmapped batch (cells, starts, chains), since equinox reduces the error flag over the
+# batch. Set before equinox is imported; an explicit EQX_ON_ERROR in the environment wins.
+_os.environ.setdefault("EQX_ON_ERROR", "off")
+
+
 from ._coupled import (
     COUPLED_DEFAULT_FIXED as COUPLED_DEFAULT_FIXED,
     COUPLED_GENES as COUPLED_GENES,
@@ -29,6 +41,7 @@ from ._dynamics import (
     ZincFluxRapidEquilibrium as ZincFluxRapidEquilibrium,
     derived_rates as derived_rates,
 )
+from ._flux import FLUX_DEFAULT_FIXED as FLUX_DEFAULT_FIXED, FLUX_SOLVER as FLUX_SOLVER, flux_model as flux_model
 from ._observation import FluorescenceParams as FluorescenceParams, fluorescence as fluorescence
 from ._params import (
     PARAM_SPECS as PARAM_SPECS,
@@ -53,4 +66,5 @@ from ._transcription import (
     MTF1Transcription as MTF1Transcription,
     TranscriptionParams as TranscriptionParams,
     default_transcription_params as default_transcription_params,
+    transcription_model as transcription_model,
 )

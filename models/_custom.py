@@ -217,18 +217,26 @@ class ODESolver(eqx.Module):
         for stiff models).
     rtol, atol : tolerances of the PID step-size controller.
     max_steps : step bound; a solve that needs more fails (counted inside sampling, not raised).
+    dt0 : first step (model time units), or None for diffrax's automatic choice. A model that
+        starts at a steady state (derivative zero) needs a small fixed value: the automatic
+        choice then takes a huge first step.
+    dtmax : largest step, or None for no bound.
     """
 
     method: str = "tsit5"
     rtol: float = 1e-8
     atol: float = 1e-10
     max_steps: int = 16_384
+    dt0: float | None = None
+    dtmax: float | None = None
 
     def __check_init__(self):
         if self.method not in ("tsit5", "dopri5", "dopri8", "kvaerno5"):
             raise ModelError(f"solver method must be tsit5, dopri5, dopri8 or kvaerno5, got {self.method!r}.")
         if not (0 < self.rtol < 1 and self.atol > 0 and self.max_steps >= 1):
             raise ModelError(f"need 0 < rtol < 1, atol > 0, max_steps >= 1; got {self.rtol}, {self.atol}, {self.max_steps}.")
+        if self.dt0 is not None and not (self.dt0 > 0 and (self.dtmax is None or self.dt0 <= self.dtmax)):
+            raise ModelError(f"need 0 < dt0 <= dtmax, got dt0={self.dt0}, dtmax={self.dtmax}.")
 
     def make(self):
         if self.method == "kvaerno5":
@@ -470,18 +478,31 @@ class ODEModel:
 
     def initial_state(self, t0, p: Mapping, dtype=None):
         """``(y0, ok)``: the state at ``t0``, pre-equilibrated when the model says so."""
-        y0 = self.initial_guess(p, dtype)
-        if not isinstance(self.initial, PreEquilibrated):
-            return y0, jnp.all(jnp.isfinite(y0))
-        base = dict(zip(self.param_names, [p[n] for n in self.param_names]))
-        base.update({k: jnp.asarray(v, dtype=y0.dtype) for k, v in self.initial.baseline.items()})
+        values = {n: jnp.asarray(p[n], dtype=dtype)[None] for n in self.param_names}
+        y0, ok = self.initial_states(jnp.asarray(t0, dtype=dtype)[None], values, dtype)
+        return y0[0], ok[0]
 
-        t_eq = t0 if self.initial.time is None else self.initial.time
+    def initial_states(self, t0, values: Mapping, dtype=None):
+        """Batched :meth:`initial_state`: ``values`` maps every parameter to shape ``(n_rows,)``.
+
+        Returns ``(y0, ok)`` of shapes ``(n_rows, n_states)`` and ``(n_rows,)``. Pre-equilibration
+        solves all rows in one batched :func:`models.steady_state` call, so its integration
+        fallback runs only when some row's Newton solve failed (a ``vmap`` over single rows
+        would turn that branch into a select and always integrate).
+        """
+        guess = jax.vmap(lambda v: self.initial_guess(self.params_view(v), dtype))(dict(values))
+        if not isinstance(self.initial, PreEquilibrated):
+            return guess, jnp.all(jnp.isfinite(guess), axis=-1)
+        rows = guess.shape[0]
+        base = {n: jnp.asarray(values[n], dtype=guess.dtype) for n in self.param_names}
+        base.update({k: jnp.full((rows,), v, dtype=guess.dtype) for k, v in self.initial.baseline.items()})
+        t_eq = jnp.broadcast_to(jnp.asarray(t0 if self.initial.time is None else self.initial.time, dtype=guess.dtype), (rows,))
 
         def f(t, y, args):
-            return self.rhs(jnp.asarray(t_eq, dtype=y.dtype), y, self.params_view(args))
+            vals, te = args
+            return self.rhs(te, y, self.params_view(vals))
 
-        ss = steady_state(f, y0, base, self.initial.config)
+        ss = steady_state(f, guess, (base, t_eq), self.initial.config)
         return ss.y, ss.success
 
     def solve(self, p: Mapping, t0, ts, solver: ODESolver | None = None):
@@ -491,21 +512,55 @@ class ODEModel:
         bound, non-finite state, failed pre-equilibration) gives ``ok=False`` and finite
         placeholders; it never raises.
         """
+        ts = jnp.asarray(ts)
+        values = {n: jnp.asarray(p[n], dtype=ts.dtype)[None] for n in self.param_names}
+        ys, ok = self.solve_batch(values, jnp.asarray(t0, dtype=ts.dtype)[None], ts[None], solver)
+        return ys[0], ok[0]
+
+    def solve_batch(self, values: Mapping, t0, ts, solver: ODESolver | None = None):
+        """Solve many rows (cells, samples, data sets) at once, ``vmap``-ed.
+
+        Parameters
+        ----------
+        values : every parameter name -> array of shape ``(n_rows,)`` (or a scalar, broadcast).
+        t0 : start of each solve, shape ``(n_rows,)``.
+        ts : saving times of each row, shape ``(n_rows, n_time)``, non-decreasing along a row
+            (pad a shorter row by repeating its last time).
+
+        Returns ``(ys, ok)`` of shapes ``(n_rows, n_time, n_states)`` and ``(n_rows,)``. Rows fail
+        independently (step bound, non-finite state, failed pre-equilibration): a failed row has
+        ``ok=False`` and finite placeholders and does not change the other rows. Under ``vmap``
+        the adaptive step loop runs until the slowest row is done.
+        """
         solver = solver or self.solver
         ts = jnp.asarray(ts)
-        values = {n: p[n] for n in self.param_names}  # a plain dict: diffrax's args must be a pytree
-        p = self.params_view(values)
-        y0, ok0 = self.initial_state(t0, p, ts.dtype)
-        controller = diffrax.PIDController(rtol=solver.rtol, atol=solver.atol)
+        rows = ts.shape[0]
+        values = {n: jnp.broadcast_to(jnp.asarray(values[n], dtype=ts.dtype), (rows,)) for n in self.param_names}
+        t0 = jnp.broadcast_to(jnp.asarray(t0, dtype=ts.dtype), (rows,))
+        y0, ok0 = self.initial_states(t0, values, ts.dtype)
+        controller = diffrax.PIDController(rtol=solver.rtol, atol=solver.atol, dtmax=solver.dtmax)
         if self.jump_times:
             controller = diffrax.ClipStepSizeController(controller, jump_ts=jnp.asarray(self.jump_times, dtype=ts.dtype))
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: self.rhs(t, y, self.params_view(args))),
-            solver.make(), t0=t0, t1=ts[-1], dt0=None, y0=y0, args=values,
-            saveat=diffrax.SaveAt(ts=ts), stepsize_controller=controller, max_steps=solver.max_steps, throw=False,
-        )
-        ok = ok0 & diffrax.is_successful(sol.result) & jnp.all(jnp.isfinite(sol.ys))
-        return jnp.where(ok, sol.ys, 1.0), ok
+        term = diffrax.ODETerm(lambda t, y, args: self.rhs(t, y, self.params_view(args)))
+
+        def one(v, start, saveat_ts, y_start):
+            sol = diffrax.diffeqsolve(
+                term, solver.make(), t0=start, t1=saveat_ts[-1], dt0=solver.dt0, y0=y_start, args=v,
+                saveat=diffrax.SaveAt(ts=saveat_ts), stepsize_controller=controller, max_steps=solver.max_steps,
+                throw=False,
+            )
+            return sol.ys, diffrax.is_successful(sol.result)
+
+        ys, ok = jax.vmap(one)(values, t0, ts, y0)
+        ok = ok0 & ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
+        return jnp.where(ok[:, None, None], ys, 1.0), ok
+
+    def observe_batch(self, ts, ys, values: Mapping) -> dict:
+        """:meth:`observe` for rows: ``ts`` ``(n_rows, n_time)``, ``ys`` ``(n_rows, n_time, n_states)``,
+        ``values`` parameter -> ``(n_rows,)``; returns ``{name: (n_rows, n_time)}``.
+        """
+        values = {n: jnp.broadcast_to(jnp.asarray(values[n], dtype=ts.dtype), ts.shape[:1]) for n in self.param_names}
+        return jax.vmap(lambda t, y, v: self.observe(t, y, self.params_view(v)))(ts, ys, values)
 
     def observe(self, ts, ys, p: Mapping) -> dict:
         """Each observable at every saved time: ``{name: (len(ts),)}``."""

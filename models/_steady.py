@@ -5,6 +5,7 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -148,9 +149,11 @@ def steady_state(
         y_end = jax.vmap(lambda y0, a: _integrate(vector_field, y0, a, config))(y_guess, const_args)
         return jnp.where(ok1[:, None], y1, y_end)
 
-    # 2. Integration only if some Newton solve failed (the predicate is one scalar for the batch,
-    # so this stays a branch unless an outer vmap, e.g. over chains, turns it into a select).
-    y_start = jax.lax.stop_gradient(jax.lax.cond(jnp.all(ok1), lambda: y1, integrate))
+    # 2. Integration only if some Newton solve failed. The predicate is reduced over every
+    # enclosing vmap too (optimiser starts, chains, draws), so that the branch stays a branch and
+    # is not turned into a select that always integrates.
+    all_ok = eqxi.unvmap_all(jnp.all(ok1))
+    y_start = jax.lax.stop_gradient(jax.lax.cond(all_ok, lambda: y1, integrate))
     # 3. The differentiated solve: Newton from a converged root (one or two steps) or from the
     # integrated end point; its implicit adjoint gives the derivatives.
     y, ok, err, n = newton(y_start, args)

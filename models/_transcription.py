@@ -10,8 +10,10 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from ._custom import LogNormal, Observable, ODEModel, Parameter, PreEquilibrated, State
 from ._params import ParamSpec
 from ._steady import SteadyState, SteadyStateConfig, steady_state
 
@@ -286,7 +288,60 @@ def default_transcription_params(model: MTF1Transcription, **overrides) -> Trans
     return TranscriptionParams(**{k: jnp.asarray(v, dtype=dtype) for k, v in values.items()})
 
 
+SCALAR_FIELDS = ("mtf1_k_nM", "mtf1_hill", "zc_rest_nM", "absorption_km_mgkg", "uptake_gain", "zn_turnover_per_h")
+GENE_FIELDS = ("amplitude", "repress_k_nM", "repress_hill", "mrna_decay_per_h")
+
+
+def transcription_model(model: MTF1Transcription, *, steady: SteadyStateConfig = SteadyStateConfig()) -> ODEModel:
+    r"""Model B (hours) for ``model``'s genes as a :class:`models.ODEModel`, written with the public API.
+
+    States ``log_zc_fold`` ($x = \ln Z_c/Z^*$) and ``mrna_<gene>`` ($\ell_g$); the vector field is
+    :meth:`MTF1Transcription.vector_field`. Every solve starts pre-equilibrated at the dose
+    (``effective_dose_mgkg``, a per-row constant): the state at ``t0`` is the dose's steady state,
+    so the observables ``<gene>_fc`` $= e^{\ell_g}$ at ``t0`` are the steady-state fold changes
+    (log-normal noise ``sigma_fc``). Per-gene fields of :class:`TranscriptionParams` become
+    scalar parameters ``<field>_<gene>`` (``amplitude_MT1``, ...). Priors: the defaults of
+    :data:`TRANSCRIPTION_SPECS` and :data:`GENE_SPECS`; ``mrna_decay_per_h_<gene>`` and
+    ``zn_turnover_per_h`` are fixed (they shape time courses only). The built-in transcript fits
+    evaluate their (tissue, form, dose) grid with this model's
+    :meth:`~models.ODEModel.initial_states`.
+    """
+    genes = model.genes
+
+    def params_of(p) -> TranscriptionParams:
+        return TranscriptionParams(**{f: p[f] for f in SCALAR_FIELDS},
+                                   **{f: jnp.stack([p[f"{f}_{g}"] for g in genes]) for f in GENE_FIELDS})
+
+    def vector_field(t, y, p):
+        dy = model.vector_field(t, jnp.stack([y[n] for n in names]), (params_of(p), p["effective_dose_mgkg"]))
+        return dict(zip(names, dy))
+
+    names = ["log_zc_fold", *[f"mrna_{g}" for g in genes]]
+    spec = TRANSCRIPTION_SPECS
+    params = []
+    for f in SCALAR_FIELDS:
+        prior = spec[f].median if f == "zn_turnover_per_h" else dist.LogNormal(math.log(spec[f].median), spec[f].log_sd)
+        params.append(Parameter(f, spec[f].unit, prior, spec[f].meaning))
+    for g in genes:
+        params.append(Parameter(f"amplitude_{g}", "1", dist.LogNormal(math.log(GENE_SPECS[g].amplitude_median),
+                                                                      GENE_SPECS[g].amplitude_log_sd), f"MTF-1 amplitude of {g}"))
+        for f in ("repress_k_nM", "repress_hill"):
+            params.append(Parameter(f"{f}_{g}", spec[f].unit, dist.LogNormal(math.log(spec[f].median), spec[f].log_sd),
+                                    f"{spec[f].meaning} ({g})"))
+        params.append(Parameter(f"mrna_decay_per_h_{g}", "1/h", math.log(2.0) / GENE_SPECS[g].half_life_h, f"{g} mRNA decay rate"))
+    params += [Parameter("sigma_fc", "1 (log scale)", dist.LogNormal(math.log(0.2), 1.0), "noise of log fold changes"),
+               Parameter("effective_dose_mgkg", "mg/kg", 0.0, "dose as the reference form (bioavailability x dose)")]
+    return ODEModel(
+        name="mtf1_transcription", time_unit="h", vector_field=vector_field,
+        states=[State(n, "ln fold", initial=0.0) for n in names], parameters=params,
+        observables=[Observable(f"{g}_fc", lambda t, y, p, g=g: jnp.exp(y[f"mrna_{g}"]), LogNormal("sigma_fc"), "1")
+                     for g in genes],
+        initial=PreEquilibrated(config=steady),
+        description="Model B: MTF-1 transcription at a dietary zinc dose (MTF1Transcription).",
+    )
+
+
 __all__ = [
     "GENE_SPECS", "GeneSpec", "MTF1Transcription", "REGULATION_KINDS", "TRANSCRIPTION_SPECS",
-    "TranscriptionParams", "default_transcription_params",
+    "TranscriptionParams", "default_transcription_params", "transcription_model",
 ]

@@ -110,6 +110,26 @@ def test_closed_cell_conserves_zinc():
     np.testing.assert_allclose(np.asarray(total_reduced(ts)), total0, rtol=1e-8)
 
 
+@pytest.mark.parametrize("name", list(PARAM_SETS))
+def test_public_api_model_a_equals_the_module_and_radau(example_protocol, name):
+    """models.flux_model (model A written with the public ODEModel API, as the imaging fit uses
+    it) gives the Module's solution, and the full-equation Radau reference in the fast-binding
+    limit as test_rapid_equilibrium_matches_full_equations does."""
+    p = m.default_params(**PARAM_SETS[name])
+    model = m.flux_model(example_protocol)
+    values = {**_as_dict(p), "sigma_zc": 0.1}
+    model.check(0.0, TS, values)
+    ys, ok = jax.jit(lambda v: model.solve(v, 0.0, jnp.asarray(TS), m.ODESolver("tsit5", rtol=1e-10, atol=1e-13,
+                                                                                      max_steps=50_000, dt0=1e-3,
+                                                                                      dtmax=1.0)))(values)
+    traj = m.solve(m.ZincFluxRapidEquilibrium(example_protocol), p, TS,
+                   config=m.SolverConfig(rtol=1e-10, atol=1e-13, max_steps=50_000))
+    assert bool(ok) and bool(traj.success)
+    np.testing.assert_allclose(np.exp(np.asarray(ys[:, 0])), np.asarray(traj.zc_nM), rtol=1e-9)
+    zc_ref, _ = _ref(example_protocol, p, kon=6e5)
+    np.testing.assert_allclose(np.exp(np.asarray(ys[:, 0])), zc_ref, rtol=1e-5)
+
+
 def test_solver_failure_is_reported_not_raised(example_protocol):
     """Too few steps: success is False and the outputs are finite placeholders, no exception."""
     p = m.default_params()

@@ -91,6 +91,26 @@ def test_time_course_matches_scipy_radau_and_reaches_steady_state(feedback):
         assert np.max(np.abs(np.asarray(mrna[2]) / np.asarray(fc) - 1)) > 1e-3
 
 
+@pytest.mark.parametrize("feedback", [False, True])
+def test_public_api_model_b_starts_at_the_doses_steady_state(feedback):
+    """models.transcription_model (model B written with the public ODEModel API, as the built-in
+    transcript fits use it): the pre-equilibrated start at a dose is the SciPy steady state, its
+    fold-change observables are the model's fold changes, and a time course from there stays put."""
+    model = _model(feedback)
+    p = m.default_transcription_params(model, **PARAM_SETS["steep_sensitive"])
+    ode = m.transcription_model(model)
+    values = {**ode.reference_values(), "mtf1_k_nM": 0.8, "mtf1_hill": 3.5, "uptake_gain": 40.0,
+              "absorption_km_mgkg": 150.0, "effective_dose_mgkg": 90.0}
+    values.update({f"amplitude_{g}": float(a) for g, a in zip(model.genes, np.asarray(p.amplitude))})
+    values.update({f"{f}_{g}": float(getattr(p, f)[i]) for f in ("repress_k_nM", "repress_hill", "mrna_decay_per_h")
+                   for i, g in enumerate(model.genes)})
+    values.update({f: float(getattr(p, f)) for f in ("zc_rest_nM", "zn_turnover_per_h")})
+    obs = ode.check(0.0, [0.0, 24.0], values)
+    _, fc_ref = mtf1_steady_reference(_ref_params(model, p), model.regulation, list(model.genes), 90.0, feedback)
+    np.testing.assert_allclose([obs[f"{g}_fc"][0] for g in model.genes], fc_ref, rtol=1e-8)
+    np.testing.assert_allclose([obs[f"{g}_fc"][1] for g in model.genes], fc_ref, rtol=1e-7)
+
+
 def test_control_diet_is_the_reference_state():
     model = _model(True)
     p = m.default_transcription_params(model)
@@ -142,6 +162,29 @@ def test_batched_steady_states_use_the_fallback_only_where_needed():
     np.testing.assert_array_equal(np.asarray(ss.used_fallback), [False, True, True])
     assert bool(jnp.all(ss.success))
     np.testing.assert_allclose(np.asarray(ss.y[:, 0]), [3.0, 3.0, -1.0], atol=1e-12)
+
+
+def test_fallback_stays_a_branch_under_an_outer_vmap():
+    """vmap over batches of steady states (optimiser starts, chains) keeps the integration a
+    real branch, run only when some Newton solve failed, instead of a select that integrates
+    every time; results match the unbatched calls."""
+    integrated = []
+
+    def field(t, y, a):  # Newton evaluates at t = 0; the fallback integration at t > 0
+        jax.debug.callback(lambda t: integrated.append(float(t)) if float(np.max(t)) > 0 else None, t)
+        return _arctan_field(t, y, a)
+
+    f = jax.jit(jax.vmap(lambda g, a: m.steady_state(field, g, a)))
+    args = jnp.array([[3.0, 3.0], [3.0, 3.0]])
+    ss = f(jnp.array([[[2.5], [3.4]], [[2.9], [3.1]]]), args)  # every Newton solve converges
+    jax.block_until_ready(ss.y)
+    assert bool(jnp.all(ss.success)) and not bool(jnp.any(ss.used_fallback))
+    assert integrated == []
+    ss = f(jnp.array([[[3.5], [12.0]], [[2.9], [3.1]]]), args)  # one needs the fallback
+    jax.block_until_ready(ss.y)
+    np.testing.assert_array_equal(np.asarray(ss.used_fallback), [[False, True], [False, False]])
+    np.testing.assert_allclose(np.asarray(ss.y[..., 0]), 3.0, atol=1e-12)
+    assert integrated
 
 
 def test_no_steady_state_is_reported_as_failure_not_an_answer():

@@ -101,6 +101,25 @@ class SamplerSection(_Strict):
 class OutputSection(_Strict):
     dir: str = "runs/fit"
     num_ppc_cells: int = Field(default=8, ge=1)
+    checkpoint_every: int = Field(default=250, ge=0)  # kept draws per chain between checkpoints; 0: no checkpoints
+
+
+class GateSection(_Strict):
+    """``[gate]``: thresholds of the diagnostics verdict (see ``inference._gate``)."""
+
+    max_r_hat: float = Field(default=1.01, gt=1)
+    min_ess_bulk: float = Field(default=400, ge=0)
+    min_ess_tail: float = Field(default=400, ge=0)
+    max_divergences: int = Field(default=0, ge=0)
+    min_bfmi: float = Field(default=0.2, ge=0)
+    warn_bfmi: float = Field(default=0.3, ge=0)
+    warn_tree_depth_fraction: float = Field(default=0.05, ge=0, le=1)
+    max_solver_failure_fraction: float = Field(default=0.01, ge=0, le=1)
+
+    def thresholds(self):
+        from ._gate import GateThresholds
+
+        return GateThresholds(**self.model_dump())
 
 
 class FitConfig(_Strict):
@@ -113,6 +132,7 @@ class FitConfig(_Strict):
     sampler: SamplerSection = SamplerSection()
     seed: int = 0
     output: OutputSection = OutputSection()
+    gate: GateSection = GateSection()
 
     @field_validator("priors")
     @classmethod
@@ -221,6 +241,7 @@ class TranscriptFitConfig(_Strict):
     sampler: TranscriptSamplerSection = TranscriptSamplerSection()
     seed: int = 0
     output: OutputSection = OutputSection()
+    gate: GateSection = GateSection()
 
     @field_validator("priors")
     @classmethod
@@ -254,11 +275,14 @@ class CustomModelSection(_Strict):
     file: str
     object: str = "model"
     per_dataset: list[str] = Field(default_factory=list)
+    per_unit: list[str] = Field(default_factory=list)
+    unit_sd_scale: float = Field(default=0.5, gt=0)
+    unit_parameterization: Literal["noncentered", "centered"] = "noncentered"
     fixed: dict[str, float] = Field(default_factory=dict)
 
 
 class DatasetSection(_Strict):
-    """One ``[[datasets]]`` entry: a wide time-series table and its conditions."""
+    """One ``[[datasets]]`` entry: a time-series table (wide, or long with a unit column) and its conditions."""
 
     file: str
     name: str | None = None
@@ -267,6 +291,7 @@ class DatasetSection(_Strict):
     t0: float | None = None
     constants: dict[str, float] = Field(default_factory=dict)
     ignore_columns: list[str] = Field(default_factory=list)
+    unit_column: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -301,6 +326,7 @@ class CustomFitConfig(_Strict):
     sampler: CustomSamplerSection = CustomSamplerSection()
     seed: int = 0
     output: OutputSection = OutputSection()
+    gate: GateSection = GateSection()
 
     def sampler_config(self) -> SamplerConfig:
         return SamplerConfig(**self.sampler.model_dump(exclude={"method"}))
@@ -320,9 +346,16 @@ def load_config(path) -> tuple[FitConfig | TranscriptFitConfig | CustomFitConfig
     """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: the config file does not exist. Fix: check the path.") from None
+    return parse_config(text, path), path.parent.resolve()
+
+
+def parse_config(text: str, path) -> FitConfig | TranscriptFitConfig | CustomFitConfig:
+    """Validate config text (``path`` names it in messages); see :func:`load_config`."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}). Fix: correct the syntax there.") from None
     try:
@@ -339,4 +372,4 @@ def load_config(path) -> tuple[FitConfig | TranscriptFitConfig | CustomFitConfig
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"key '{loc}': {err['msg']}")
         raise ConfigError(f"{path}: invalid config: " + "; ".join(lines) + ". Fix: correct these keys (see docs/config.md).") from None
-    return config, path.parent.resolve()
+    return config

@@ -226,8 +226,14 @@ def plot_timeseries_fit(problem, bands: dict, path: Path) -> None:
                 ax.fill_between(b["time"], q[0], q[2], color="C0", alpha=0.25, lw=0, label="90% posterior band")
                 ax.plot(b["time"], q[1], color="C0", lw=1.5, label="posterior median")
             if name in d.observed:
-                idx, values = d.observed[name]
-                ax.plot(d.times[idx], values, "o", color="k", ms=3.5, label="data")
+                unit, idx, values = d.observed[name]
+                if d.units is None:
+                    ax.plot(d.times[idx], values, "o", color="k", ms=3.5, label="data")
+                else:  # units: faint lines, the band is the population-typical unit's
+                    for u in np.unique(unit):
+                        sel = unit == u
+                        ax.plot(d.times[idx[sel]], values[sel], "-o", color="k", lw=0.5, ms=1.5, alpha=0.35,
+                                label=f"data ({len(d.units)} units)" if u == unit[0] else None)
             unit = next(o.unit for o in m.observables if o.name == name)
             ax.set_title(f"{d.name}: {name}" if n_rows > 1 else name, fontsize=10)
             ax.set_xlabel(f"time ({m.time_unit})" if m.time_unit else "time")

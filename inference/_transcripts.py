@@ -36,7 +36,7 @@ import pandas as pd
 import xarray as xr
 from arviz_base import from_dict
 from jaxtyping import Array, Bool, Float, Int
-from numpyro.infer import MCMC, NUTS, Predictive, log_likelihood
+from numpyro.infer import NUTS, Predictive, log_likelihood
 
 from data import CtTable, FoldChangeTable
 from models import (
@@ -45,10 +45,12 @@ from models import (
     MTF1Transcription,
     SteadyStateConfig,
     TranscriptionParams,
+    transcription_model,
 )
 
-from ._fit import EXTRA_FIELDS, SamplerConfig, chain_starts, sample_stats
+from ._fit import EXTRA_FIELDS, LAPLACE_STEP_SIZE, SamplerConfig, chain_starts, sample_stats
 from ._laplace import laplace_init
+from ._sampling import sample_nuts
 
 
 TISSUE_PARAMS = ("mtf1_k_nM", "mtf1_hill", "zc_rest_nM", "absorption_km_mgkg", "uptake_gain")
@@ -370,12 +372,19 @@ def grid_fold_change(problem: TranscriptProblem, params: TranscriptionParams, bi
     t_idx, f_idx, d_idx = (a.ravel() for a in jnp.meshgrid(jnp.arange(n_t), jnp.arange(n_f), jnp.arange(n_d), indexing="ij"))
     p = jax.tree.map(lambda v: v[t_idx], params)
     u = bioavailability[f_idx] * problem.doses[d_idx]
-    y0 = jnp.zeros((u.shape[0], model.n_state), dtype=u.dtype)
-    from models import steady_state
-
-    ss = steady_state(model.vector_field, y0, (p, u), problem.steady)
-    y = ss.y.reshape(n_t, n_f, n_d, model.n_state)
-    return y[..., 1:], y[..., 0], ss.success.reshape(n_t, n_f, n_d)
+    # model B through the public API: each grid point is a row pre-equilibrated at its dose
+    ode = transcription_model(model, steady=problem.steady)
+    values = {}
+    for field in dataclasses.fields(p):  # scalar fields by name, per-gene fields as <field>_<gene>
+        v = getattr(p, field.name)
+        if field.name in ode.param_names:
+            values[field.name] = v
+        else:
+            values.update({f"{field.name}_{g}": v[:, i] for i, g in enumerate(model.genes)})
+    values.update(effective_dose_mgkg=u, sigma_fc=jnp.ones_like(u))
+    y, ok = ode.initial_states(jnp.zeros_like(u), values, u.dtype)
+    y = y.reshape(n_t, n_f, n_d, model.n_state)
+    return y[..., 1:], y[..., 0], ok.reshape(n_t, n_f, n_d)
 
 
 def transcript_model(problem: TranscriptProblem, plan: TranscriptPlan, *, predictive: bool = False):
@@ -434,19 +443,17 @@ class TranscriptFit:
 
 
 def run_transcript_nuts(problem: TranscriptProblem, plan: TranscriptPlan, config: SamplerConfig, *, key,
-                        progress_bar: bool = True, table=None) -> TranscriptFit:
+                        progress_bar: bool = True, table=None, checkpoint=None) -> TranscriptFit:
     """MAP + Laplace start, then NUTS with the Laplace metric; returns the DataTree (see :func:`transcript_tree`)."""
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
     laplace = laplace_init(transcript_model, (problem, plan), key=k_init, batch_hessian=False)
     init = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(transcript_model, problem, plan))
     kernel = NUTS(transcript_model, target_accept_prob=config.target_accept_prob, max_tree_depth=config.max_tree_depth,
                   dense_mass=True, inverse_mass_matrix=laplace.inverse_mass_matrix,
-                  adapt_mass_matrix=config.adapt_mass_matrix)
-    mcmc = MCMC(kernel, num_warmup=config.num_warmup, num_samples=config.num_samples, num_chains=config.num_chains,
-                chain_method=config.chain_method, progress_bar=progress_bar)
-    mcmc.run(k_mcmc, problem, plan, extra_fields=EXTRA_FIELDS, init_params=init)
-    tree = transcript_tree(problem, plan, mcmc.get_samples(group_by_chain=True), mcmc.get_extra_fields(group_by_chain=True),
-                           key=k_ppc, max_tree_depth=config.max_tree_depth, table=table)
+                  adapt_mass_matrix=config.adapt_mass_matrix, step_size=LAPLACE_STEP_SIZE)
+    samples, extra = sample_nuts(kernel, config, key=k_mcmc, model_args=(problem, plan), init_params=init,
+                                 extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint)
+    tree = transcript_tree(problem, plan, samples, extra, key=k_ppc, max_tree_depth=config.max_tree_depth, table=table)
     return TranscriptFit(tree=tree, plan=plan, problem=problem)
 
 

@@ -23,3 +23,16 @@ def example_protocol():
     from data import EXAMPLE_DIR, read_protocol
 
     return read_protocol(EXAMPLE_DIR / "protocol.toml").to_inputs(30.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop in-memory compiled programs after each test module.
+
+    Every compiled XLA program keeps its own memory mappings; a worker process that runs many
+    fits accumulates them until LLVM fails with "Cannot allocate memory" (the kernel's
+    ``vm.max_map_count`` is 65530 here). Programs shared between modules come back from the
+    session's persistent compilation cache.
+    """
+    yield
+    jax.clear_caches()

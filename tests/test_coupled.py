@@ -108,14 +108,13 @@ def test_log_density_gradient_matches_finite_differences():
     from numpyro.infer import init_to_median
     from numpyro.infer.util import initialize_model
 
+    from data import TimeSeries
     from inference._custom import CustomProblem, build_dataset, custom_model
 
     m = coupled_model(fixed=(*MODEL.fixed, "protein_half_life_h_MT1", "protein_half_life_h_ZnT1", "protein_half_life_h_ZIP4"))
-    series = type("S", (), {})()
-    series.times, series.path = np.array([0.0, 10.0, 60.0, 360.0, 1440.0]), "mem.csv"
-    series.values = {"zc_nM": np.array([0.5, 1.0, 0.9, 0.7, 0.6]), "MT1_fc": np.array([np.nan, np.nan, 1.5, 4.0, 3.0]),
-                     "ZIP4_fc": np.array([np.nan, np.nan, 0.9, 0.5, 0.6])}
-    series.observed = lambda k: (np.flatnonzero(~np.isnan(series.values[k])), series.values[k][~np.isnan(series.values[k])])
+    values = {"zc_nM": [0.5, 1.0, 0.9, 0.7, 0.6], "MT1_fc": [np.nan, np.nan, 1.5, 4.0, 3.0], "ZIP4_fc": [np.nan, np.nan, 0.9, 0.5, 0.6]}
+    series = TimeSeries(path="mem.csv", times=np.array([0.0, 10.0, 60.0, 360.0, 1440.0]), lines=np.zeros((1, 5), int),
+                        values={k: np.array([v]) for k, v in values.items()})
     ds = build_dataset(m, "d", series, t0=0.0, time_factor=1.0, constants={"zo_before_uM": 0.5, "zo_after_uM": 10.0})
     problem = CustomProblem(model=m, datasets=(ds,))
     info, potential, _, _ = initialize_model(jax.random.key(1), custom_model, model_args=(problem,),

@@ -234,14 +234,15 @@ def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
     plan = default_transcript_plan()
     problem = build_transcript_problem(table, plan)
     assert not problem.unknown_noise
-    sampler = SamplerConfig(num_warmup=300, num_samples=700, adapt_mass_matrix=True)
+    # Known, small noise leaves a curved ridge: below the absorption half-saturation only
+    # uptake_gain / absorption_km_mgkg is determined, and mtf1_k_nM / mtf1_hill trade off with
+    # both. Measured: 2 of 1400 draws diverge at target 0.95 (seed 0); at 0.8, 10 and 11 (seeds 0
+    # and 1), and 80 in a run whose warmup began at numpyro's default step size. A handful is
+    # tolerated here; a reparameterisation (initial slope G / K_abs) is the fix (open item).
+    sampler = SamplerConfig(num_warmup=300, num_samples=700, adapt_mass_matrix=True, target_accept_prob=0.95)
     fit = run_transcript_nuts(problem, plan, sampler,
                               key=jax.random.key(0), progress_bar=False)
     post = fit.tree["posterior"]
-    # Known, small noise leaves a curved ridge: below the absorption half-saturation only
-    # uptake_gain / absorption_km_mgkg is determined. Measured: 5 of 1400 draws diverge at
-    # target 0.8, 1 at 0.95. A handful is tolerated here; a reparameterisation (initial slope
-    # G / K_abs) is the fix (open item).
     assert int(fit.tree["sample_stats"]["diverging"].sum()) <= 14
     rhat = azs.rhat(post.to_dataset()[["bioavailability", "amplitude", "mtf1_hill"]])
     assert max(float(rhat[v].max()) for v in rhat.data_vars) < 1.05

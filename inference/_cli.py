@@ -1,15 +1,16 @@
 """The ``zinckin`` command line: simulate, check, fit. No science here."""
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import shlex
 import sys
-import time
 import traceback
 from pathlib import Path
 
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = 2  # bad input or usage; 3 (inference._gate.EXIT_NOT_CONVERGED): ran, did not converge
 
 
 class UsageError(ValueError):
@@ -111,11 +112,16 @@ def _load_transcripts(config, base):
 
 
 def _load(config_path):
+    from ._config import load_config
+
+    return _load_config(*load_config(config_path))
+
+
+def _load_config(config, base):
     from data import load_imaging
 
-    from ._config import CustomFitConfig, TranscriptFitConfig, load_config
+    from ._config import CustomFitConfig, TranscriptFitConfig
 
-    config, base = load_config(config_path)
     if isinstance(config, TranscriptFitConfig):
         return (config, *_load_transcripts(config, base))
     if isinstance(config, CustomFitConfig):
@@ -162,13 +168,19 @@ def _describe_custom(problem) -> None:
     m = problem.model
     print(f"model {m.name!r} (time in {m.time_unit or 'model units'}): states {', '.join(f'{s.name} [{s.unit}]' for s in m.states)}")
     for prm in m.parameters:
-        shared = "per data set" if prm.name in problem.per_dataset else ("data-set constant" if prm.is_fixed else "shared")
-        print(f"  {prm.name} [{prm.unit}]: {describe_prior(prm.prior)} ({shared})")
+        if prm.is_fixed:
+            level = "data-set constant"
+        else:
+            level = "per data set" if prm.name in problem.per_dataset else "shared"
+            if prm.name in problem.per_unit:
+                level += f", per unit (sd ~ HalfNormal({problem.unit_sd_scale:g}))"
+        print(f"  {prm.name} [{prm.unit}]: {describe_prior(prm.prior)} ({level})")
     for d in problem.datasets:
         counts = ", ".join(f"{k} {len(v[0])}" for k, v in d.observed.items())
         consts = ", ".join(f"{k}={v:g}" for k, v in d.constants.items())
-        print(f"data set {d.name!r} ({d.path}): t0 = {d.t0:g}, {len(d.times)} times up to {d.times[-1]:g}; observed: {counts}"
-              + (f"; constants {consts}" if consts else ""))
+        units = "" if d.units is None else f"{len(d.units)} units, "
+        print(f"data set {d.name!r} ({d.path}): {units}t0 = {d.t0:g}, {len(d.times)} times up to {d.times[-1]:g}; "
+              f"observed: {counts}" + (f"; constants {consts}" if consts else ""))
 
 
 def cmd_check(args) -> int:
@@ -204,109 +216,202 @@ def cmd_check(args) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class _Run:
+    """One ``zinckin fit``: its config, where its paths resolve, its run directory and its clock."""
+
+    config: object
+    base: Path
+    config_text: str
+    config_file: str
+    out: Path
+    resume: bool
+    argv: list
+    timer: object
+
+    def inputs(self) -> dict:
+        from ._provenance import input_files, sha256
+
+        return {k: {"path": str(p.resolve()), "sha256": sha256(p)} for k, p in input_files(self.config, self.base).items()}
+
+    def checkpointing(self):
+        """How the NUTS run saves its progress (None when ``[output] checkpoint_every = 0``)."""
+        from ._sampling import CHECKPOINT_NAME, Checkpointing
+
+        if self.config.output.checkpoint_every == 0:
+            return None
+        inputs = self.inputs()
+        ident = {"config": self.config.model_dump(mode="json"), "inputs": {k: v["sha256"] for k, v in inputs.items()}}
+        fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        meta = {"config_text": self.config_text, "config_file": self.config_file, "base_dir": str(self.base),
+                "inputs": inputs}
+        return Checkpointing(path=self.out / CHECKPOINT_NAME, fingerprint=fingerprint, resume=self.resume,
+                             chunk_size=self.config.output.checkpoint_every, meta=meta)
+
+    def finish(self, record: dict, tree=None, gate_names=None) -> int:
+        """Gate the run (NUTS), write ``config.toml`` and ``run.json`` (last), drop the checkpoint.
+
+        Returns the exit status: 0, or 3 when the gate says the run did not converge.
+        """
+        from ._gate import EXIT_NOT_CONVERGED, format_gate, gate
+        from ._output import atomic_write, write_json
+        from ._provenance import provenance
+        from ._sampling import CHECKPOINT_NAME
+
+        status = 0
+        if gate_names is not None:
+            verdict = gate(tree, gate_names, self.config.gate.thresholds())
+            record["gate"] = verdict
+            print(format_gate(verdict))
+            status = 0 if verdict["verdict"] == "converged" else EXIT_NOT_CONVERGED
+        atomic_write(self.out / "config.toml", lambda tmp: tmp.write_text(self.config_text))
+        record["provenance"] = provenance(self.out / "config.toml", self.config, self.base, self.timer, self.argv)
+        record["provenance"]["config_file"] = self.config_file
+        record["provenance"]["resumed"] = self.resume
+        write_json(record, self.out / "run.json")
+        (self.out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        print(f"results in {self.out}/")
+        return status
+
+
+def _start_run(args) -> _Run:
+    """Config, base folder and run directory of a fit, a ``--resume`` or a ``--from-run``.
+
+    Refuses to start over an existing fit or an unfinished one unless ``--overwrite`` is given.
+    """
+    from ._config import ConfigError, load_config, parse_config
+    from ._provenance import PhaseTimer, rerun_inputs, sha256
+    from ._sampling import CHECKPOINT_NAME, read_checkpoint
+
+    given = [name for name, v in (("CONFIG", args.config), ("--resume", args.resume), ("--from-run", args.from_run)) if v]
+    if len(given) != 1:
+        raise UsageError("zinckin fit takes exactly one of CONFIG, --resume RUN_DIR or --from-run RUN_DIR"
+                         + (f" (got {', '.join(given)})" if given else "") + ".")
+    timer = PhaseTimer()
+    if args.resume:
+        out = Path(args.resume)
+        if args.out and Path(args.out).resolve() != out.resolve():
+            raise UsageError("--resume continues in its own run directory; leave out --out.")
+        if not (out / CHECKPOINT_NAME).exists():
+            if (out / "posterior.nc").exists():
+                raise UsageError(f"{out}: the fit there has finished; there is nothing to resume.")
+            raise UsageError(f"{out}: no {CHECKPOINT_NAME} there, so nothing to resume. "
+                             "Fix: check the path, or start the fit from its config.")
+        meta = read_checkpoint(out / CHECKPOINT_NAME)["meta"]
+        for key, entry in meta["inputs"].items():
+            path = Path(entry["path"])
+            if not path.exists() or sha256(path) != entry["sha256"]:
+                raise ConfigError(f"{path} ({key}) {'is gone' if not path.exists() else 'changed'} since the fit in "
+                                  f"{out} started. Fix: restore it to resume, or refit with --overwrite.")
+        config = parse_config(meta["config_text"], meta["config_file"])
+        return _Run(config, Path(meta["base_dir"]), meta["config_text"], meta["config_file"], out, True,
+                    list(args.argv), timer)
+    if args.from_run:
+        config_path, base = rerun_inputs(Path(args.from_run))
+        if not args.out:
+            raise UsageError("--from-run needs --out NEW_RUN_DIR (the stored run is left as it is).")
+        text = config_path.read_text()
+        config = parse_config(text, config_path)
+        config_file = json.loads((Path(args.from_run) / "run.json").read_text())["provenance"]["config_file"]
+    else:
+        config, base = load_config(args.config)
+        text = Path(args.config).read_text()
+        config_file = str(Path(args.config).resolve())
+    out = Path(args.out) if args.out else Path(config.output.dir)
+    if (out / "posterior.nc").exists() and not args.overwrite:
+        raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
+    if (out / CHECKPOINT_NAME).exists():
+        if not args.overwrite:
+            raise UsageError(f"{out} holds an unfinished fit ({CHECKPOINT_NAME}); continue it with "
+                             f"`zinckin fit --resume {out}`, or pass --overwrite to start over.")
+        (out / CHECKPOINT_NAME).unlink()
+    return _Run(config, base, text, config_file, out, False, list(args.argv), timer)
+
+
 def cmd_fit(args) -> int:
     _enable_x64()
     import jax
 
     from ._config import CustomFitConfig, TranscriptFitConfig
     from ._fit import build_problem, population_var_names, run_nuts
-    from ._output import (
-        atomic_write,
-        diagnostics,
-        plot_ppc_traces,
-        plot_rank,
-        plot_trace,
-        population_summary,
-        write_json,
-        write_tree,
-    )
+    from ._output import atomic_write, diagnostics, plot_ppc_traces, plot_rank, plot_trace, population_summary, write_tree
 
-    loaded = _load(args.config)
-    out = Path(args.out) if args.out else Path(loaded[0].output.dir)
-    if (out / "posterior.nc").exists() and not args.overwrite:
-        raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
-    if isinstance(loaded[0], TranscriptFitConfig):
-        return _fit_transcripts(args, out, *loaded)
-    if isinstance(loaded[0], CustomFitConfig):
-        return _fit_custom(args, out, *loaded)
+    run = _start_run(args)
+    with run.timer.phase("load"):
+        loaded = _load_config(run.config, run.base)
+    out = run.out
+    if run.resume:
+        print(f"resuming the fit in {out} from its checkpoint", flush=True)
+    if isinstance(run.config, TranscriptFitConfig):
+        return _fit_transcripts(args, run, *loaded[1:])
+    if isinstance(run.config, CustomFitConfig):
+        return _fit_custom(args, run, loaded[1])
     config, dataset, plan = loaded
     problem = build_problem(dataset, config.solver_config())
     sampler = config.sampler_config()
     tr = dataset.traces
     print(f"fitting {len(tr.cell_id)} cells x {tr.time_min.size} frames: {sampler.num_chains} chain(s) x "
           f"({sampler.num_warmup} warmup + {sampler.num_samples} draws), seed {config.seed}", flush=True)
-    t0 = time.perf_counter()
-    result = run_nuts(problem, plan, sampler, key=jax.random.key(config.seed), cell_id=tr.cell_id,
-                      progress_bar=not args.no_progress)
-    elapsed = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    names = population_var_names(plan)
-    summary = population_summary(result.tree, names)
-    diag = diagnostics(result.tree, names)
-    diag["sampling_seconds"] = round(elapsed, 1)
-    write_tree(result.tree, out / "posterior.nc")
-    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
-    write_json({"diagnostics": diag, "config": config.model_dump(), "config_file": str(Path(args.config).resolve()),
-                "fixed": plan.fixed, "per_cell": list(plan.per_cell)}, out / "run.json")
-    plot_rank(result.tree, names, out / "rank.png")
-    plot_trace(result.tree, names, out / "trace.png")
-    plot_ppc_traces(result.tree, out / "ppc_traces.png", num_cells=config.output.num_ppc_cells)
+    with run.timer.phase("fit"):
+        result = run_nuts(problem, plan, sampler, key=jax.random.key(config.seed), cell_id=tr.cell_id,
+                          progress_bar=not args.no_progress, checkpoint=run.checkpointing())
+    with run.timer.phase("write"):
+        names = population_var_names(plan)
+        summary = population_summary(result.tree, names)
+        diag = diagnostics(result.tree, names)
+        diag["sampling_seconds"] = run.timer.seconds["fit"]
+        write_tree(result.tree, out / "posterior.nc")
+        atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
+        plot_rank(result.tree, names, out / "rank.png")
+        plot_trace(result.tree, names, out / "trace.png")
+        plot_ppc_traces(result.tree, out / "ppc_traces.png", num_cells=config.output.num_ppc_cells)
     with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
     print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
-    _print_verdict(diag, out)
-    return 0
-
-
-def _print_verdict(diag: dict, out: Path) -> None:
-    verdict = (diag["max_r_hat"] < 1.01 and diag["min_ess_bulk"] > 400 and diag["min_ess_tail"] > 400
-               and diag["divergences"] == 0)
     print(json.dumps(diag))
-    print(("converged by R-hat < 1.01, ESS > 400, no divergences" if verdict else
-           "NOT converged by the strict gate (R-hat < 1.01, ESS > 400, no divergences): "
-           "run longer chains before trusting the posterior")
-          + f"; results in {out}/")
+    record = {"diagnostics": diag, "config": config.model_dump(mode="json"), "config_file": run.config_file,
+              "fixed": plan.fixed, "per_cell": list(plan.per_cell)}
+    return run.finish(record, result.tree, names)
 
 
-def _fit_transcripts(args, out: Path, config, table, plan, problem) -> int:
+def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
     import jax
 
     from data import CtTable, livak_fold_change
 
-    from ._output import atomic_write, diagnostics, plot_dose_response, plot_rank, plot_trace, population_summary, write_json, write_tree
+    from ._output import atomic_write, diagnostics, plot_dose_response, plot_rank, plot_trace, population_summary, write_tree
     from ._transcripts import bioavailability_summary, ppc_coverage, run_transcript_nuts, sampled_names
 
+    config, out = run.config, run.out
     _describe_transcripts(table, plan, problem)
     sampler = config.sampler_config()
     print(f"fitting: {sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws), "
           f"seed {config.seed}", flush=True)
-    t0 = time.perf_counter()
-    fit = run_transcript_nuts(problem, plan, sampler, key=jax.random.key(config.seed), progress_bar=not args.no_progress,
-                              table=table)
-    elapsed = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    names = sampled_names(problem, plan)
-    summary = population_summary(fit.tree, names)
-    diag = diagnostics(fit.tree, names)
-    diag["sampling_seconds"] = round(elapsed, 1)
-    bio = bioavailability_summary(fit.tree)
-    record = {"diagnostics": diag, "bioavailability": bio, "config": config.model_dump(),
-              "config_file": str(Path(args.config).resolve()), "fixed": plan.fixed}
-    livak = livak_fold_change(table) if isinstance(table, CtTable) else None
-    coverage = None
-    if problem.kind == "fold_change":
-        coverage = ppc_coverage(fit.tree)
-        record["ppc_90_coverage"] = {"covered": int(coverage["covered"].sum()), "observations": len(coverage)}
-    write_tree(fit.tree, out / "posterior.nc")
-    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
-    if coverage is not None:
-        atomic_write(out / "ppc_coverage.csv", lambda tmp: coverage.to_csv(tmp, index=False))
-    if livak is not None:
-        atomic_write(out / "livak.csv", lambda tmp: livak.to_csv(tmp, index=False))
-    write_json(record, out / "run.json")
-    scalar_names = [n for n in names if n not in ("log_fc",)]
-    plot_rank(fit.tree, scalar_names, out / "rank.png")
-    plot_trace(fit.tree, scalar_names, out / "trace.png")
-    plot_dose_response(fit.tree, out / "dose_response.png", livak=livak)
+    with run.timer.phase("fit"):
+        fit = run_transcript_nuts(problem, plan, sampler, key=jax.random.key(config.seed),
+                                  progress_bar=not args.no_progress, table=table, checkpoint=run.checkpointing())
+    with run.timer.phase("write"):
+        names = sampled_names(problem, plan)
+        summary = population_summary(fit.tree, names)
+        diag = diagnostics(fit.tree, names)
+        diag["sampling_seconds"] = run.timer.seconds["fit"]
+        bio = bioavailability_summary(fit.tree)
+        record = {"diagnostics": diag, "bioavailability": bio, "config": config.model_dump(mode="json"),
+                  "config_file": run.config_file, "fixed": plan.fixed}
+        livak = livak_fold_change(table) if isinstance(table, CtTable) else None
+        coverage = None
+        if problem.kind == "fold_change":
+            coverage = ppc_coverage(fit.tree)
+            record["ppc_90_coverage"] = {"covered": int(coverage["covered"].sum()), "observations": len(coverage)}
+        write_tree(fit.tree, out / "posterior.nc")
+        atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
+        if coverage is not None:
+            atomic_write(out / "ppc_coverage.csv", lambda tmp: coverage.to_csv(tmp, index=False))
+        if livak is not None:
+            atomic_write(out / "livak.csv", lambda tmp: livak.to_csv(tmp, index=False))
+        scalar_names = [n for n in names if n not in ("log_fc",)]
+        plot_rank(fit.tree, scalar_names, out / "rank.png")
+        plot_trace(fit.tree, scalar_names, out / "trace.png")
+        plot_dose_response(fit.tree, out / "dose_response.png", livak=livak)
     with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
     print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
     for b in bio:
@@ -315,16 +420,17 @@ def _fit_transcripts(args, out: Path, config, table, plan, problem) -> int:
     if coverage is not None:
         print("posterior predictive check (90% intervals):")
         print(coverage.to_string(index=False, float_format="{:.3g}".format))
-    _print_verdict(diag, out)
-    return 0
+    print(json.dumps(diag))
+    return run.finish(record, fit.tree, names)
 
 
-def _fit_custom(args, out: Path, config, problem) -> int:
+def _fit_custom(args, run: _Run, problem) -> int:
     import jax
 
-    from ._custom import check_problem, run_custom, summary_names, trajectory_bands
-    from ._output import atomic_write, diagnostics, plot_rank, plot_timeseries_fit, plot_trace, population_summary, write_json, write_tree
+    from ._custom import check_problem, run_custom, trajectory_bands
+    from ._output import atomic_write, diagnostics, plot_rank, plot_timeseries_fit, plot_trace, population_summary, write_tree
 
+    config, out = run.config, run.out
     _describe_custom(problem)
     check_problem(problem)
     sampler = config.sampler_config()
@@ -332,37 +438,35 @@ def _fit_custom(args, out: Path, config, problem) -> int:
     what = ("MAP + Laplace approximation" if method == "map" else
             f"{sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws)")
     print(f"fitting: {what}, seed {config.seed}", flush=True)
-    t0 = time.perf_counter()
-    fit = run_custom(problem, sampler, key=jax.random.key(config.seed), method=method, progress_bar=not args.no_progress)
-    elapsed = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    names = summary_names(problem)
-    summary = population_summary(fit.tree, names)
-    record = {"method": fit.tree.attrs["method"], "config": config.model_dump(),
-              "config_file": str(Path(args.config).resolve()), "model": problem.model.name,
-              "fixed": problem.model.fixed, "per_dataset": list(problem.per_dataset)}
-    if method == "nuts":
-        diag = diagnostics(fit.tree, names)
-    else:
-        diag = {"draws_with_solver_failures": int((fit.tree["sample_stats"]["solver_failures"] > 0).sum()),
-                "map_grad_norm": float(fit.laplace.grad_norm), "map_iterations": int(fit.laplace.num_iter)}
-    diag["sampling_seconds"] = round(elapsed, 1)
-    record["diagnostics"] = diag
-    write_tree(fit.tree, out / "posterior.nc")
-    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
-    write_json(record, out / "run.json")
-    if method == "nuts":
-        plot_rank(fit.tree, names, out / "rank.png")
-        plot_trace(fit.tree, names, out / "trace.png")
-    plot_timeseries_fit(problem, trajectory_bands(problem, fit.tree), out / "fit.png")
+    with run.timer.phase("fit"):
+        fit = run_custom(problem, sampler, key=jax.random.key(config.seed), method=method,
+                         progress_bar=not args.no_progress, checkpoint=run.checkpointing() if method == "nuts" else None)
+    with run.timer.phase("write"):
+        names = problem.summary_names()
+        summary = population_summary(fit.tree, names)
+        record = {"method": fit.tree.attrs["method"], "config": config.model_dump(mode="json"),
+                  "config_file": run.config_file, "model": problem.model.name, "fixed": problem.model.fixed,
+                  "per_dataset": list(problem.per_dataset), "per_unit": list(problem.per_unit)}
+        if method == "nuts":
+            diag = diagnostics(fit.tree, names)
+        else:
+            diag = {"draws_with_solver_failures": int((fit.tree["sample_stats"]["solver_failures"] > 0).sum()),
+                    "map_grad_norm": float(fit.laplace.grad_norm), "map_iterations": int(fit.laplace.num_iter)}
+        diag["sampling_seconds"] = run.timer.seconds["fit"]
+        record["diagnostics"] = diag
+        write_tree(fit.tree, out / "posterior.nc")
+        atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
+        if method == "nuts":
+            plot_rank(fit.tree, names, out / "rank.png")
+            plot_trace(fit.tree, names, out / "trace.png")
+        plot_timeseries_fit(problem, trajectory_bands(problem, fit.tree), out / "fit.png")
     cols = ["mean", "sd", "hdi90_lb", "hdi90_ub"] + (["ess_bulk", "ess_tail", "r_hat"] if method == "nuts" else [])
     print(summary[[c for c in cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
-    if method == "nuts":
-        _print_verdict(diag, out)
-    else:
-        print(json.dumps(diag))
-        print(f"MAP + Laplace approximation (no MCMC diagnostics apply); results in {out}/")
-    return 0
+    print(json.dumps(diag))
+    if method != "nuts":
+        print("MAP + Laplace approximation: no MCMC diagnostics apply, no gate verdict")
+        return run.finish(record)
+    return run.finish(record, fit.tree, names)
 
 
 def _simulate_custom(args) -> int:
@@ -371,7 +475,7 @@ def _simulate_custom(args) -> int:
     import pandas as pd
 
     from ._config import CustomFitConfig, load_config
-    from ._custom import check_problem, load_custom, simulate_custom
+    from ._custom import check_problem, load_custom, reference_values, simulate_custom
     from ._output import atomic_write, write_json
 
     config, base = load_config(args.config)
@@ -379,31 +483,40 @@ def _simulate_custom(args) -> int:
         raise UsageError("--config must name a user-model config ([model] file = ...); imaging simulations take --protocol.")
     problem = load_custom(config, base)
     m = problem.model
-    values = m.reference_values()
+    values = reference_values(problem)
     for item in args.param or []:
         name, _, text = item.partition("=")
-        if name not in m.sampled_names:
-            raise UsageError(f"--param {item}: {name!r} is not an estimated parameter (estimated: {list(m.sampled_names)}).")
+        if name not in values:
+            raise UsageError(f"--param {item}: {name!r} is not an estimated parameter or unit sd (known: {list(values)}).")
         try:
             values[name] = float(text)
         except ValueError:
             raise UsageError(f"--param {item}: {text!r} is not a number.") from None
-    values = {n: values[n] for n in m.sampled_names}
     check_problem(problem)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out.")
     sim = simulate_custom(problem, values, key=jax.random.key(args.seed))
     out.mkdir(parents=True, exist_ok=True)
-    for d, spec in zip(problem.datasets, config.datasets):
-        frame = pd.DataFrame({spec.time_column: d.times / d.time_factor})
-        for name, v in sim[d.name].items():
-            col = np.full(len(d.times), np.nan)
-            idx = d.observed[name][0]
-            col[idx] = v[idx]
-            frame[name] = col
+    sites = problem.sites()
+    for i, (d, spec) in enumerate(zip(problem.datasets, config.datasets)):
+        table = {}
+        for site, j, obs in sites:
+            if j == i:
+                u, t, _ = d.observed[obs]
+                for k in range(len(t)):
+                    table.setdefault((int(u[k]), int(t[k])), {})[obs] = sim["observed"][site][k]
+        keys = sorted(table)
+        frame = pd.DataFrame({spec.time_column: [d.times[t] / d.time_factor for _, t in keys]})
+        if d.units is not None:
+            frame.insert(0, spec.unit_column, [d.units[u] for u, _ in keys])
+        for obs in d.observed:
+            frame[obs] = [table[k].get(obs, np.nan) for k in keys]
         atomic_write(out / f"{Path(spec.file).stem}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False, float_format="%.8g"))
-    write_json({"parameters": values, "seed": args.seed, "config": str(args.config)}, out / "truth.json")
+    truth = {"parameters": values, "seed": args.seed, "config": str(args.config)}
+    if sim["units"]:
+        truth["units"] = {n: dict(zip(problem.unit_labels(), map(float, v))) for n, v in sim["units"].items()}
+    write_json(truth, out / "truth.json")
     print(f"simulated {len(problem.datasets)} data set(s) of model {m.name!r} at the observed times of the config's data "
           f"into {out}/ (+ truth.json)")
     return 0
@@ -433,10 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.set_defaults(func=cmd_check)
 
-    f = sub.add_parser("fit", help="fit the model to the data named in a config")
-    f.add_argument("config")
+    f = sub.add_parser("fit", help="fit the model to the data named in a config",
+                       epilog="exit status: 0 converged (or MAP done), 2 bad input, 3 ran but the diagnostics "
+                              "gate says not converged")
+    f.add_argument("config", nargs="?", help="the fit config (TOML)")
     f.add_argument("--out", help="run directory (default: output.dir of the config)")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing fit in the run directory")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing or unfinished fit in the run directory")
+    f.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fit from its checkpoint")
+    f.add_argument("--from-run", metavar="RUN_DIR", help="refit exactly the config and inputs of a finished run (with --out)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fit)
     return p
@@ -447,6 +564,7 @@ def main(argv=None) -> int:
     from models import ModelError
 
     from ._config import ConfigError
+    from ._sampling import CheckpointError
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -454,7 +572,7 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (DataError, ConfigError, ModelError, UsageError) as e:
+    except (DataError, ConfigError, ModelError, UsageError, CheckpointError) as e:
         if args.traceback:
             traceback.print_exc()
         print(f"zinckin {args.command}: error: {e}", file=sys.stderr)

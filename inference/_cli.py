@@ -274,6 +274,14 @@ class _Run:
         return status
 
 
+def _map_table(record: dict, table) -> None:
+    """Print the MAP against the posterior and store it in the run record."""
+    if len(table):
+        print("MAP (the NUTS start) against the posterior; z = (MAP - mean) / sd:")
+        print(table.to_string(float_format="{:.4g}".format))
+    record["map_vs_posterior"] = table.reset_index().to_dict(orient="records")
+
+
 def _start_run(args) -> _Run:
     """Config, base folder and run directory of a fit, a ``--resume`` or a ``--from-run``.
 
@@ -328,15 +336,48 @@ def _start_run(args) -> _Run:
     return _Run(config, base, text, config_file, out, False, list(args.argv), timer)
 
 
+def _compilation_cache(runtime) -> str | None:
+    """Turn on jax's persistent compilation cache for this process; returns its folder (or None).
+
+    A resumed fit, a ``--from-run`` and every repeated job then load their compiled programs
+    instead of compiling them again (programs that took under a second to compile are not kept).
+    """
+    import os
+
+    import jax
+
+    path = runtime.compilation_cache_dir
+    if path is None:
+        if jax.config.jax_compilation_cache_dir:
+            return jax.config.jax_compilation_cache_dir
+        path = os.environ.get("ZINCKIN_COMPILATION_CACHE") or str(Path.home() / ".cache" / "zinckin" / "jax")
+    if path == "":
+        return None
+    path = str(Path(path).expanduser())
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
 def cmd_fit(args) -> int:
     _enable_x64()
     import jax
 
     from ._config import CustomFitConfig, TranscriptFitConfig
     from ._fit import build_problem, population_var_names, run_nuts
-    from ._output import atomic_write, diagnostics, plot_ppc_traces, plot_rank, plot_trace, population_summary, write_tree
+    from ._output import (
+        atomic_write,
+        diagnostics,
+        map_vs_posterior,
+        plot_ppc_traces,
+        plot_rank,
+        plot_trace,
+        population_summary,
+        write_tree,
+    )
 
     run = _start_run(args)
+    _compilation_cache(run.config.runtime)
     with run.timer.phase("load"):
         loaded = _load_config(run.config, run.base)
     out = run.out
@@ -370,6 +411,9 @@ def cmd_fit(args) -> int:
     print(json.dumps(diag))
     record = {"diagnostics": diag, "config": config.model_dump(mode="json"), "config_file": run.config_file,
               "fixed": plan.fixed, "per_cell": list(plan.per_cell)}
+    from ._model import imaging_model
+
+    _map_table(record, map_vs_posterior(imaging_model, (problem, plan), result.laplace, result.tree, names))
     return run.finish(record, result.tree, names)
 
 
@@ -421,6 +465,10 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
         print("posterior predictive check (90% intervals):")
         print(coverage.to_string(index=False, float_format="{:.3g}".format))
     print(json.dumps(diag))
+    from ._output import map_vs_posterior
+    from ._transcripts import transcript_model
+
+    _map_table(record, map_vs_posterior(transcript_model, (problem, plan), fit.laplace, fit.tree, names))
     return run.finish(record, fit.tree, names)
 
 
@@ -466,6 +514,10 @@ def _fit_custom(args, run: _Run, problem) -> int:
     if method != "nuts":
         print("MAP + Laplace approximation: no MCMC diagnostics apply, no gate verdict")
         return run.finish(record)
+    from ._custom import custom_model
+    from ._output import map_vs_posterior
+
+    _map_table(record, map_vs_posterior(custom_model, (problem,), fit.laplace, fit.tree, names))
     return run.finish(record, fit.tree, names)
 
 

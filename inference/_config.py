@@ -104,6 +104,14 @@ class OutputSection(_Strict):
     checkpoint_every: int = Field(default=250, ge=0)  # kept draws per chain between checkpoints; 0: no checkpoints
 
 
+class RuntimeSection(_Strict):
+    """``[runtime]``: where compiled programs are cached between runs."""
+
+    # None: $ZINCKIN_COMPILATION_CACHE, else ~/.cache/zinckin/jax (unless jax already has a cache
+    # directory, e.g. from JAX_COMPILATION_CACHE_DIR); "": no persistent cache
+    compilation_cache_dir: str | None = None
+
+
 class GateSection(_Strict):
     """``[gate]``: thresholds of the diagnostics verdict (see ``inference._gate``)."""
 
@@ -133,6 +141,7 @@ class FitConfig(_Strict):
     seed: int = 0
     output: OutputSection = OutputSection()
     gate: GateSection = GateSection()
+    runtime: RuntimeSection = RuntimeSection()
 
     @field_validator("priors")
     @classmethod
@@ -242,6 +251,7 @@ class TranscriptFitConfig(_Strict):
     seed: int = 0
     output: OutputSection = OutputSection()
     gate: GateSection = GateSection()
+    runtime: RuntimeSection = RuntimeSection()
 
     @field_validator("priors")
     @classmethod
@@ -327,6 +337,7 @@ class CustomFitConfig(_Strict):
     seed: int = 0
     output: OutputSection = OutputSection()
     gate: GateSection = GateSection()
+    runtime: RuntimeSection = RuntimeSection()
 
     def sampler_config(self) -> SamplerConfig:
         return SamplerConfig(**self.sampler.model_dump(exclude={"method"}))

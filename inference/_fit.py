@@ -117,6 +117,7 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
         dense_mass=True,
         inverse_mass_matrix=laplace.inverse_mass_matrix,
         adapt_mass_matrix=config.adapt_mass_matrix,
+        step_size=LAPLACE_STEP_SIZE,
     )
     samples, extra = sample_nuts(kernel, config, key=k_mcmc, model_args=(problem, plan), init_params=init_params,
                                  extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint)
@@ -156,8 +157,15 @@ def _flatten(samples):
 
 
 def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
-    """The ``sample_stats`` group from numpyro's extra fields (grouped by chain) and failure counts."""
+    """The ``sample_stats`` group from numpyro's extra fields (grouped by chain) and failure counts.
+
+    ``solver_failures`` per draw: failed rows at the kept point (0 for NUTS, whose accepted points
+    have a finite density) plus, where :func:`inference._sampling.sample_nuts` counted them, the
+    failed solves inside the draw's trajectory.
+    """
     steps = np.asarray(extra["num_steps"])
+    if "solver_failures_in_trajectory" in extra:
+        solver_failures = np.asarray(solver_failures) + np.asarray(extra["solver_failures_in_trajectory"])
     stats = {
         "diverging": np.asarray(extra["diverging"]),
         "n_steps": steps,

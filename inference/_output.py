@@ -73,6 +73,32 @@ def diagnostics(tree: xr.DataTree, var_names) -> dict:
     }
 
 
+def map_vs_posterior(model, model_args, laplace, tree: xr.DataTree, var_names) -> pd.DataFrame:
+    """The MAP (the NUTS starting point) beside the posterior mean and sd of each parameter.
+
+    ``z_score`` is (MAP - mean) / sd: a MAP several sds from the mean marks a skewed or
+    multi-modal posterior, where the MAP alone (``method = "map"``) would mislead.
+    """
+    from numpyro.infer.util import constrain_fn
+
+    point = constrain_fn(model, model_args, {}, laplace.z_map, return_deterministic=True)
+    post = tree["posterior"]
+    rows = []
+    for name in var_names:
+        if name not in point or name not in post:
+            continue
+        m = np.asarray(point[name], dtype=float)
+        mean = post[name].mean(("chain", "draw")).values
+        sd = post[name].std(("chain", "draw")).values
+        if m.shape != mean.shape:
+            continue
+        for idx in np.ndindex(m.shape):
+            label = name + (f"[{','.join(map(str, idx))}]" if idx else "")
+            rows.append({"parameter": label, "map": m[idx], "mean": float(mean[idx]), "sd": float(sd[idx]),
+                         "z_score": float((m[idx] - mean[idx]) / sd[idx]) if sd[idx] > 0 else float("nan")})
+    return pd.DataFrame(rows, columns=["parameter", "map", "mean", "sd", "z_score"]).set_index("parameter")
+
+
 def _save_fig(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)

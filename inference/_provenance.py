@@ -116,6 +116,7 @@ def provenance(config_path: Path, config, base: Path, timer: PhaseTimer, argv) -
         "inputs": {k: {"path": str(p.resolve()), "sha256": sha256(p)} for k, p in input_files(config, base).items()},
         "seed": config.seed,
         "precision": "float64" if jax.config.jax_enable_x64 else "float32",
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
         "versions": _versions(),
         "git": _git(),
         "devices": _devices(),

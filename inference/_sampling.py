@@ -130,7 +130,9 @@ def _chunk_program(kernel, sampler, model_args, extra_fields):
     def chains_scan(state, n):
         def step(st, _):
             st = kernel.sample(st, model_args, {})
-            return st, (post(st.z), {k: g(st) for k, g in getters.items()})
+            fields = {k: g(st) for k, g in getters.items()}
+            fields.update(_position(st))
+            return st, (post(st.z), fields)
 
         return jax.lax.scan(step, state, None, length=n)
 
@@ -146,9 +148,77 @@ def _chunk_program(kernel, sampler, model_args, extra_fields):
     return jax.jit(chunk, static_argnums=1)
 
 
+def _position(state) -> dict:
+    """What a transition starts from besides the adapted step size and metric: z and the key."""
+    return {"_z": state.z, "_key": jax.random.key_data(state.rng_key)}
+
+
+def _chain(tree, c, num_chains):
+    return jax.tree.map(lambda x: x[c], tree) if num_chains > 1 else tree
+
+
+replay_gap: list[float] = []  # per replayed transition: max |replayed - recorded| position (tests read it)
+
+
+def replay_failures(kernel, sampler, model_args, final_state, start: dict, fields: dict) -> np.ndarray:
+    """Failed solves inside each draw's NUTS trajectory, ``(chain, draw)`` ints.
+
+    A failed solve makes the potential energy infinite, which numpyro's tree building treats as a
+    divergence: the trajectory stops there and the transition is flagged ``diverging``. So only
+    divergent transitions can hold failures, and only the accepted point of a transition is
+    returned by the sampler. This replays each divergent transition after sampling, from the
+    stored position and key of the draw before it, with the step size and metric of the run
+    (constant after warmup), through a potential that counts the rows whose solve failed (the
+    model's ``solver_failures`` site) on the host. Transitions without a divergence count 0.
+    Returns zeros when the model has no ``solver_failures`` site.
+    """
+    from numpyro.infer import NUTS
+    from numpyro.infer.util import initialize_model
+
+    diverging = np.asarray(fields["diverging"])
+    counts = np.zeros(diverging.shape, dtype=int)
+    if not diverging.any():
+        return counts
+    info = initialize_model(jax.random.key(0), kernel.model, model_args=model_args)
+    potential, postprocess = info.potential_fn, info.postprocess_fn
+    if "solver_failures" not in postprocess(info.param_info.z):
+        return counts
+    seen = []
+
+    def counting_potential(z):
+        jax.debug.callback(lambda n: seen.append(int(n)), postprocess(z)["solver_failures"])
+        return potential(z)
+
+    impl = str(jax.random.key_impl(final_state.rng_key))
+    replay = NUTS(potential_fn=counting_potential, max_tree_depth=kernel._max_tree_depth,
+                  dense_mass=kernel._dense_mass, adapt_step_size=False, adapt_mass_matrix=False)
+    step = None
+    replay_gap.clear()
+    for c, i in zip(*np.nonzero(diverging)):
+        before = start if i == 0 else {"_z": jax.tree.map(lambda x: x[:, i - 1], fields["_z"]),
+                                       "_key": fields["_key"][:, i - 1]}
+        z = jax.tree.map(lambda x: jnp.asarray(x[c]), before["_z"])
+        state = replay.init(jax.random.key(0), 0, z)
+        state = state._replace(adapt_state=_chain(final_state.adapt_state, c, sampler.num_chains),
+                               rng_key=jax.random.wrap_key_data(jnp.asarray(before["_key"][c]), impl=impl))
+        if step is None:
+            step = jax.jit(lambda st: replay.sample(st, (), {}))
+        seen.clear()
+        new = jax.block_until_ready(step(state))
+        jax.effects_barrier()
+        counts[c, i] = sum(seen)
+        recorded = jax.tree.map(lambda x: x[c, i], fields["_z"])
+        replay_gap.append(max(float(np.max(np.abs(np.asarray(new.z[k]) - recorded[k]))) for k in recorded))
+    return counts
+
+
 def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, progress_bar=True,
                 checkpoint: Checkpointing | None = None):
     """Run NUTS; returns ``(samples, extra)``, both dicts of arrays grouped by chain ``(chain, draw, ...)``.
+
+    Warmup is numpyro's ``MCMC.warmup``; the kept draws come from :func:`_chunk_program`, in
+    chunks when checkpointing (same draws as numpyro's ``MCMC.run`` with the same key). ``extra``
+    holds the requested extra fields and ``solver_failures_in_trajectory`` (:func:`replay_failures`).
 
     Parameters
     ----------
@@ -157,52 +227,57 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
     key : PRNG key of the MCMC run.
     model_args : positional arguments of the model.
     init_params : unconstrained starting points, leading dim ``num_chains``.
-    extra_fields : numpyro extra fields to collect.
+    extra_fields : numpyro extra fields to collect (``diverging`` among them).
     checkpoint : where to save progress (:class:`Checkpointing`); None samples in one piece.
     """
-    mcmc = MCMC(kernel, num_warmup=sampler.num_warmup, num_samples=sampler.num_samples, num_chains=sampler.num_chains,
-                chain_method=sampler.chain_method, progress_bar=progress_bar)
-    if checkpoint is None:
-        mcmc.run(key, *model_args, extra_fields=extra_fields, init_params=init_params)
-        return ({k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()},
-                {k: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()})
     cp = checkpoint
-    checkpoint, fingerprint = Path(cp.path), cp.fingerprint
-    chunk_size = max(1, min(cp.chunk_size, sampler.num_samples))
+    chunk_size = sampler.num_samples if cp is None else max(1, min(cp.chunk_size, sampler.num_samples))
 
-    def save(state, samples, extra, done):
-        _atomic_pickle({"format": 1, "fingerprint": fingerprint, "meta": cp.meta, "state": _to_host(state),
-                        "samples": samples, "extra": extra, "num_done": done, "num_samples": sampler.num_samples},
-                       checkpoint)
+    def save(state, start, samples, extra, done):
+        if cp is not None:
+            _atomic_pickle({"format": 1, "fingerprint": cp.fingerprint, "meta": cp.meta, "state": _to_host(state),
+                            "start": _to_host(start), "samples": samples, "extra": extra, "num_done": done,
+                            "num_samples": sampler.num_samples}, Path(cp.path))
 
-    if cp.resume:
-        ck = read_checkpoint(checkpoint)
-        if ck["fingerprint"] != fingerprint:
-            raise CheckpointError(f"{checkpoint}: belongs to another fit (its config, data or sampler settings "
+    if cp is not None and cp.resume:
+        ck = read_checkpoint(Path(cp.path))
+        if ck["fingerprint"] != cp.fingerprint:
+            raise CheckpointError(f"{cp.path}: belongs to another fit (its config, data or sampler settings "
                                   "differ from this one). Fix: resume with the run's own config, or refit with --overwrite.")
         # numpyro builds the kernel's sample function in kernel.init; run it once at the stored starts
         vectorized = sampler.chain_method == "vectorized" and sampler.num_chains > 1
         starts = init_params if vectorized else jax.tree.map(lambda x: x[0], init_params)
         keys = jax.random.split(key, sampler.num_chains) if vectorized else key
         kernel.init(keys, sampler.num_warmup, starts, model_args, {})
-        state, samples, extra = _from_host(ck["state"]), list(ck["samples"]), list(ck["extra"])
+        state, start = _from_host(ck["state"]), ck["start"]
+        samples, extra = list(ck["samples"]), list(ck["extra"])
     else:
-        mcmc_w = MCMC(kernel, num_warmup=sampler.num_warmup, num_samples=chunk_size, num_chains=sampler.num_chains,
-                      chain_method=sampler.chain_method, progress_bar=progress_bar)
-        mcmc_w.warmup(key, *model_args, extra_fields=extra_fields, init_params=init_params)
-        state, samples, extra = mcmc_w.post_warmup_state, [], []
-        save(state, samples, extra, 0)
+        warm = MCMC(kernel, num_warmup=sampler.num_warmup, num_samples=chunk_size, num_chains=sampler.num_chains,
+                    chain_method=sampler.chain_method, progress_bar=progress_bar)
+        warm.warmup(key, *model_args, extra_fields=extra_fields, init_params=init_params)
+        state, samples, extra = warm.post_warmup_state, [], []
+        start = {k: (jax.tree.map(lambda x: x[None], v) if sampler.num_chains == 1 else v)
+                 for k, v in _position(state).items()}
+        start = _to_host(start)
+        save(state, start, samples, extra, 0)
     done = sum(s[next(iter(s))].shape[1] for s in samples) if samples else 0
     run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields)
     while done < sampler.num_samples:
         n = min(chunk_size, sampler.num_samples - done)
         state, (draws, fields) = run_chunk(state, n)
         samples.append({k: np.asarray(v) for k, v in draws.items()})
-        extra.append({k: np.asarray(v) for k, v in fields.items()})
+        extra.append(jax.tree.map(np.asarray, fields))
         done += n
-        save(state, samples, extra, done)
-        if progress_bar:
-            print(f"sampled {done}/{sampler.num_samples} draws per chain (checkpoint saved)", flush=True)
-        if cp.on_chunk is not None:
-            cp.on_chunk(done, sampler.num_samples)
-    return _concat(samples), _concat(extra)
+        save(state, start, samples, extra, done)
+        if cp is not None:
+            if progress_bar:
+                print(f"sampled {done}/{sampler.num_samples} draws per chain (checkpoint saved)", flush=True)
+            if cp.on_chunk is not None:
+                cp.on_chunk(done, sampler.num_samples)
+    fields = {k: (np.concatenate([e[k] for e in extra], axis=1) if k != "_z" else
+                  {s: np.concatenate([e["_z"][s] for e in extra], axis=1) for s in extra[0]["_z"]})
+              for k in extra[0]}
+    failures = replay_failures(kernel, sampler, model_args, state, start, fields)
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+    fields["solver_failures_in_trajectory"] = failures
+    return _concat(samples), fields

@@ -440,6 +440,7 @@ class TranscriptFit:
     tree: xr.DataTree
     plan: TranscriptPlan
     problem: TranscriptProblem
+    laplace: object = None
 
 
 def run_transcript_nuts(problem: TranscriptProblem, plan: TranscriptPlan, config: SamplerConfig, *, key,
@@ -454,7 +455,7 @@ def run_transcript_nuts(problem: TranscriptProblem, plan: TranscriptPlan, config
     samples, extra = sample_nuts(kernel, config, key=k_mcmc, model_args=(problem, plan), init_params=init,
                                  extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint)
     tree = transcript_tree(problem, plan, samples, extra, key=k_ppc, max_tree_depth=config.max_tree_depth, table=table)
-    return TranscriptFit(tree=tree, plan=plan, problem=problem)
+    return TranscriptFit(tree=tree, plan=plan, problem=problem, laplace=laplace)
 
 
 def _group_coords(problem: TranscriptProblem, prefix: str, index) -> dict:

@@ -299,6 +299,23 @@ class _Named(Mapping):
 # The model
 
 
+_ROW_DEVICES: list | None = None
+
+
+def row_devices() -> list:
+    """The devices that batched solves split their rows over: all local devices by default.
+
+    Set with :func:`set_row_devices` (for example one device to turn splitting off).
+    """
+    return list(jax.local_devices()) if _ROW_DEVICES is None else list(_ROW_DEVICES)
+
+
+def set_row_devices(devices) -> None:
+    """Split the rows of batched solves over ``devices`` (None: all local devices)."""
+    global _ROW_DEVICES
+    _ROW_DEVICES = None if devices is None else list(devices)
+
+
 class ODEModel:
     """A user-defined kinetic model (see the module docstring for the pieces and an example).
 
@@ -530,13 +547,29 @@ class ODEModel:
         Returns ``(ys, ok)`` of shapes ``(n_rows, n_time, n_states)`` and ``(n_rows,)``. Rows fail
         independently (step bound, non-finite state, failed pre-equilibration): a failed row has
         ``ok=False`` and finite placeholders and does not change the other rows. Under ``vmap``
-        the adaptive step loop runs until the slowest row is done.
+        the adaptive step loop runs until the slowest row is done. With several devices
+        (:func:`row_devices`), the rows are split into one block per device (``jax.shard_map``).
         """
         solver = solver or self.solver
         ts = jnp.asarray(ts)
         rows = ts.shape[0]
         values = {n: jnp.broadcast_to(jnp.asarray(values[n], dtype=ts.dtype), (rows,)) for n in self.param_names}
         t0 = jnp.broadcast_to(jnp.asarray(t0, dtype=ts.dtype), (rows,))
+        devices = row_devices()
+        if len(devices) < 2:
+            return self._solve_rows(values, t0, ts, solver)
+        # rows padded (copies of row 0) to a multiple of the device count and laid out in one block
+        # per device; XLA's SPMD partitioner then runs each block's solves on its own device (the
+        # batched step loop's "any row still running" test is the only cross-device traffic)
+        pad = (-rows) % len(devices)
+        padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), (values, t0, ts))
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
+        spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+        padded = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spread), padded)
+        ys, ok = self._solve_rows(*padded, solver)
+        return ys[:rows], ok[:rows]
+
+    def _solve_rows(self, values, t0, ts, solver):
         y0, ok0 = self.initial_states(t0, values, ts.dtype)
         controller = diffrax.PIDController(rtol=solver.rtol, atol=solver.atol, dtmax=solver.dtmax)
         if self.jump_times:

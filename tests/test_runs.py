@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from test_custom_model import MODEL_SRC  # x' = -k x, estimated x0, log-normal sd
 
 from inference._cli import main
 from inference._gate import EXIT_NOT_CONVERGED, GateThresholds, gate
@@ -20,20 +21,6 @@ from inference._gate import EXIT_NOT_CONVERGED, GateThresholds, gate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODEL_SRC = """
-    import numpyro.distributions as dist
-    from models import LogNormal, Observable, ODEModel, Parameter, State
-
-    def vf(t, y, p):
-        return {"x": -p["k"] * y["x"]}
-
-    model = ODEModel(name="decay", time_unit="h", vector_field=vf,
-                     states=[State("x", "uM", initial="x0")],
-                     parameters=[Parameter("k", "1/h", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("x0", "uM", dist.LogNormal(2.0, 1.0)),
-                                 Parameter("s", "1", dist.HalfNormal(0.5))],
-                     observables=[Observable("x", "x", LogNormal("s"), "uM")])
-"""
 # x(t) = 8 exp(-0.7 t) with 5% log-normal noise (fixed draws, seed 3)
 DATA = "time,x\n" + "".join(
     f"{t:g},{8 * np.exp(-0.7 * t) * np.exp(0.05 * e):.6g}\n"

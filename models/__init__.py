@@ -31,6 +31,8 @@ from ._custom import (
     PreEquilibrated as PreEquilibrated,
     State as State,
     StudentT as StudentT,
+    row_devices as row_devices,
+    set_row_devices as set_row_devices,
     time_conversion as time_conversion,
 )
 from ._dynamics import (

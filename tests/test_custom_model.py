@@ -476,7 +476,8 @@ def test_per_unit_mistakes_are_named():
 def test_per_unit_fit_recovers_each_units_rate():
     """NUTS on five simulated cells with their own decay rates: every cell's 90% interval holds
     its true rate (simultaneous over the cells at 98%: 90% marginals of five would miss by chance
-    about 41% of the time), and the posterior draws are finite with no failures."""
+    about 41% of the time), and failed solves are rare: they occur only inside divergent
+    transitions (counted by replay) and in at most 1% of draws (the gate's default)."""
     from inference._custom import run_custom
     from inference._fit import SamplerConfig
 
@@ -488,7 +489,10 @@ def test_per_unit_fit_recovers_each_units_rate():
     lo, hi = np.quantile(units, [0.01 / 5 * 10 / 2, 1 - 0.01 / 5 * 10 / 2], axis=0)
     assert ((lo <= k_true) & (k_true <= hi)).all(), (lo, k_true, hi)
     assert list(tree["posterior"]["k_unit"].coords["unit"].values) == [f"cell{i}" for i in range(5)]
-    assert int(tree["sample_stats"]["solver_failures"].sum()) == 0
+    failures = tree["sample_stats"]["solver_failures"].values
+    diverging = tree["sample_stats"]["diverging"].values
+    assert (failures[~diverging] == 0).all() and (failures > 0).mean() <= 0.01, failures.sum()
+    assert np.isfinite(units).all()
     assert tree["constant_data"]["x_unit"].shape == tree["observed_data"]["x"].shape
 
 

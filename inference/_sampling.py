@@ -1,8 +1,8 @@
 """NUTS in chunks, with the sampler state saved after warmup and after every chunk.
 
-Every NUTS fit (imaging, transcripts, user models) samples through :func:`sample_nuts`. Without a
-checkpoint path it is one numpyro ``MCMC.run``. With one, warmup runs first (``MCMC.warmup``) and
-the kept draws come in chunks of ``chunk_size`` iterations; each chunk continues from the
+Every NUTS fit (imaging, transcripts, user models) samples through :func:`sample_nuts`: warmup is
+numpyro's ``MCMC.warmup``, the kept draws come from one compiled program (in one piece, or with a
+checkpoint in chunks of ``chunk_size`` iterations); each chunk continues from the
 previous chunk's last state (position, step size, metric and the per-chain random key), so the
 chain is the same Markov chain as an uninterrupted run, draw for draw. After warmup and after each
 chunk, the state and every draw so far are written to ``checkpoint.pkl`` atomically (temporary
@@ -98,7 +98,6 @@ class Checkpointing:
     chunk_size : kept iterations per chunk between checkpoints.
     meta : stored with every checkpoint (the config text and the folder its paths resolve
         against, so that ``zinckin fit --resume RUN_DIR`` needs nothing else).
-    on_chunk : called as ``on_chunk(draws_done, num_samples)`` after each saved chunk.
     """
 
     path: Path
@@ -106,7 +105,6 @@ class Checkpointing:
     resume: bool = False
     chunk_size: int = 250
     meta: dict = dataclasses.field(default_factory=dict)
-    on_chunk: object = None
 
 
 def _concat(chunks):
@@ -157,7 +155,9 @@ def _chain(tree, c, num_chains):
     return jax.tree.map(lambda x: x[c], tree) if num_chains > 1 else tree
 
 
-replay_gap: list[float] = []  # per replayed transition: max |replayed - recorded| position (tests read it)
+# per replayed transition of the last replay_failures call: max |replayed - recorded| position;
+# read by hand to measure how faithful the replay is (the figures in docs/inference.md)
+replay_gap: list[float] = []
 
 
 def replay_failures(kernel, sampler, model_args, final_state, start: dict, fields: dict) -> np.ndarray:
@@ -269,11 +269,8 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
         extra.append(jax.tree.map(np.asarray, fields))
         done += n
         save(state, start, samples, extra, done)
-        if cp is not None:
-            if progress_bar:
-                print(f"sampled {done}/{sampler.num_samples} draws per chain (checkpoint saved)", flush=True)
-            if cp.on_chunk is not None:
-                cp.on_chunk(done, sampler.num_samples)
+        if cp is not None and progress_bar:
+            print(f"sampled {done}/{sampler.num_samples} draws per chain (checkpoint saved)", flush=True)
     fields = {k: (np.concatenate([e[k] for e in extra], axis=1) if k != "_z" else
                   {s: np.concatenate([e["_z"][s] for e in extra], axis=1) for s in extra[0]["_z"]})
               for k in extra[0]}

@@ -4,9 +4,9 @@ import os as _os
 
 
 _os.environ.setdefault("EQX_ON_ERROR", "off")  # before equinox is imported; see models/__init__.py
-
-
 from pathlib import Path
+
+import numpyro as _numpyro  # noqa: E402, F401  (before its submodules; see models/__init__.py)
 
 from ._errors import DataError as DataError
 from ._genes import REFERENCE_GENES as REFERENCE_GENES, TARGET_GENES as TARGET_GENES, canonical_gene as canonical_gene

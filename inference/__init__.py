@@ -4,7 +4,7 @@ import os as _os
 
 
 _os.environ.setdefault("EQX_ON_ERROR", "off")  # before equinox is imported; see models/__init__.py
-
+import numpyro as _numpyro  # noqa: E402, F401  (before its submodules; see models/__init__.py)
 
 from ._config import (
     ConfigError as ConfigError,

@@ -11,6 +11,10 @@ import os as _os
 # batch. Set before equinox is imported; an explicit EQX_ON_ERROR in the environment wins.
 _os.environ.setdefault("EQX_ON_ERROR", "off")
 
+# numpyro itself before any of its submodules: arviz-base registers "numpyro" as a lazy module
+# (lazy_loader); a first import of "numpyro.distributions" through it leaves
+# numpyro.distributions without its "distribution" attribute, and numpyro.factor then fails.
+import numpyro as _numpyro  # noqa: E402, F401
 
 from ._coupled import (
     COUPLED_DEFAULT_FIXED as COUPLED_DEFAULT_FIXED,

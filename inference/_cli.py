@@ -29,6 +29,46 @@ def _enable_x64():
     jax.config.update("jax_enable_x64", True)
 
 
+# float32 resolves relative differences down to 1.2e-7; a tolerance within 10x of that leaves
+# the error control working on rounding noise
+FLOAT32_MIN_RTOL = 1e-6
+
+
+def precision_warnings(precision: str, *, method: str, rtol: float | None, implicit: bool = False,
+                       newton_tol: float | None = None) -> list[str]:
+    """Why a float32 fit may be unsafe, one sentence each (empty for float64)."""
+    if precision == "float64":
+        return []
+    out = []
+    if method == "nuts":
+        out.append("float32 with NUTS: the log density carries rounding errors of order 1 (measured on the bundled "
+                   "example: 1-3 of 1.5e5, docs/inference.md) that NUTS's accept/reject and divergence checks see; "
+                   "confirm the posterior with a float64 run")
+    if rtol is not None and rtol < FLOAT32_MIN_RTOL:
+        out.append(f"float32 with solver rtol {rtol:g}: within 10x of float32's resolution (1.2e-7) the error control "
+                   f"works on rounding noise, so steps multiply and may reach max_steps; set [solver] rtol >= "
+                   f"{FLOAT32_MIN_RTOL:g}")
+    if implicit:
+        out.append("float32 with an implicit solver: its Newton iterations and linear solves lose accuracy in single "
+                   "precision; prefer an explicit solver (tsit5) or float64")
+    if newton_tol is not None and newton_tol < 1e-6:
+        out.append(f"float32 with steady-state tol {newton_tol:g}: Newton cannot reach it in single precision and falls "
+                   "back to integrating; set [steady_state] tol >= 1e-6")
+    return out
+
+
+def _set_precision(run) -> None:
+    """float64 unless ``[runtime] precision = "float32"``; set before any array is made."""
+    import jax
+
+    jax.config.update("jax_enable_x64", run.config.runtime.precision == "float64")
+
+
+def _warn_precision(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+
+
 def cmd_simulate(args) -> int:
     _enable_x64()
     if args.config:
@@ -277,7 +317,7 @@ class _Run:
 def _map_table(record: dict, table) -> None:
     """Print the MAP against the posterior and store it in the run record."""
     if len(table):
-        print("MAP (the NUTS start) against the posterior; z = (MAP - mean) / sd:")
+        print("MAP (the start point) against the posterior; z = (MAP - mean) / sd:")
         print(table.to_string(float_format="{:.4g}".format))
     record["map_vs_posterior"] = table.reset_index().to_dict(orient="records")
 
@@ -368,7 +408,6 @@ def cmd_fit(args) -> int:
     from ._output import (
         atomic_write,
         diagnostics,
-        map_vs_posterior,
         plot_ppc_traces,
         plot_rank,
         plot_trace,
@@ -377,6 +416,7 @@ def cmd_fit(args) -> int:
     )
 
     run = _start_run(args)
+    _set_precision(run)
     _compilation_cache(run.config.runtime)
     with run.timer.phase("load"):
         loaded = _load_config(run.config, run.base)
@@ -390,31 +430,78 @@ def cmd_fit(args) -> int:
     config, dataset, plan = loaded
     problem = build_problem(dataset, config.solver_config())
     sampler = config.sampler_config()
+    method = config.sampler.method
+    warnings = precision_warnings(config.runtime.precision, method=method, rtol=config.solver.rtol)
+    _warn_precision(warnings)
     tr = dataset.traces
-    print(f"fitting {len(tr.cell_id)} cells x {tr.time_min.size} frames: {sampler.num_chains} chain(s) x "
-          f"({sampler.num_warmup} warmup + {sampler.num_samples} draws), seed {config.seed}", flush=True)
+    print(f"fitting {len(tr.cell_id)} cells x {tr.time_min.size} frames: {_what(config.sampler)}, seed {config.seed}",
+          flush=True)
     with run.timer.phase("fit"):
         result = run_nuts(problem, plan, sampler, key=jax.random.key(config.seed), cell_id=tr.cell_id,
-                          progress_bar=not args.no_progress, checkpoint=run.checkpointing())
+                          progress_bar=not args.no_progress, checkpoint=run.checkpointing() if method == "nuts" else None,
+                          **_method_kwargs(config.sampler))
     with run.timer.phase("write"):
         names = population_var_names(plan)
         summary = population_summary(result.tree, names)
-        diag = diagnostics(result.tree, names)
+        diag = _diagnostics(result, names, diagnostics)
         diag["sampling_seconds"] = run.timer.seconds["fit"]
         write_tree(result.tree, out / "posterior.nc")
         atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
-        plot_rank(result.tree, names, out / "rank.png")
-        plot_trace(result.tree, names, out / "trace.png")
+        if method == "nuts":
+            plot_rank(result.tree, names, out / "rank.png")
+            plot_trace(result.tree, names, out / "trace.png")
         plot_ppc_traces(result.tree, out / "ppc_traces.png", num_cells=config.output.num_ppc_cells)
-    with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
-    print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+    _print_summary(summary, method)
     print(json.dumps(diag))
-    record = {"diagnostics": diag, "config": config.model_dump(mode="json"), "config_file": run.config_file,
-              "fixed": plan.fixed, "per_cell": list(plan.per_cell)}
+    record = {"method": result.tree.attrs["method"], "diagnostics": diag, "config": config.model_dump(mode="json"),
+              "config_file": run.config_file, "fixed": plan.fixed, "per_cell": list(plan.per_cell),
+              "warnings": warnings}
     from ._model import imaging_model
 
-    _map_table(record, map_vs_posterior(imaging_model, (problem, plan), result.laplace, result.tree, names))
-    return run.finish(record, result.tree, names)
+    return _finish(run, record, result, names, (imaging_model, (problem, plan)))
+
+
+def _what(sampler) -> str:
+    """What a fit will do, for its first line."""
+    if sampler.method == "map":
+        return f"MAP ({sampler.map_starts} start(s)) + Laplace approximation, {sampler.approx_draws} draws"
+    if sampler.method == "svi":
+        return (f"SVI (full-rank Gaussian, {sampler.svi_steps} steps from the MAP of {sampler.map_starts} start(s)), "
+                f"{sampler.approx_draws} draws")
+    return (f"{sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws), "
+            f"MAP start from {sampler.map_starts} start(s)")
+
+
+def _method_kwargs(sampler) -> dict:
+    return {"method": sampler.method, "map_starts": sampler.map_starts, "approx_draws": sampler.approx_draws,
+            "svi": sampler.svi()}
+
+
+def _diagnostics(fit, names, diagnostics) -> dict:
+    """Sampler diagnostics of a NUTS fit; the approximation's figures for ``map`` / ``svi``."""
+    if fit.approximation is None:
+        return diagnostics(fit.tree, names)
+    failures = fit.tree["sample_stats"]["solver_failures"]
+    return {**fit.approximation.info, "draws_with_solver_failures": int((failures > 0).sum())}
+
+
+def _print_summary(summary, method: str) -> None:
+    cols = ["mean", "sd", "hdi90_lb", "hdi90_ub"] + (["ess_bulk", "ess_tail", "r_hat"] if method == "nuts" else [])
+    print(summary[[c for c in cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+
+
+def _finish(run: _Run, record: dict, fit, names, model_and_args) -> int:
+    """MAP-vs-posterior table (NUTS, SVI), then the gate (NUTS only) and the run record."""
+    from ._output import map_vs_posterior
+
+    method = fit.tree.attrs["method"]
+    if method != "laplace":
+        _map_table(record, map_vs_posterior(*model_and_args, fit.laplace, fit.tree, names))
+    if method != "nuts":
+        print(f"{method} approximation: no MCMC diagnostics apply, no gate verdict; check it against a NUTS run "
+              "before trusting its intervals", flush=True)
+        return run.finish(record)
+    return run.finish(record, fit.tree, names)
 
 
 def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
@@ -428,18 +515,23 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
     config, out = run.config, run.out
     _describe_transcripts(table, plan, problem)
     sampler = config.sampler_config()
-    print(f"fitting: {sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws), "
-          f"seed {config.seed}", flush=True)
+    method = config.sampler.method
+    warnings = precision_warnings(config.runtime.precision, method=method, rtol=None, newton_tol=config.steady_state.tol)
+    _warn_precision(warnings)
+    print(f"fitting: {_what(config.sampler)}, seed {config.seed}", flush=True)
     with run.timer.phase("fit"):
         fit = run_transcript_nuts(problem, plan, sampler, key=jax.random.key(config.seed),
-                                  progress_bar=not args.no_progress, table=table, checkpoint=run.checkpointing())
+                                  progress_bar=not args.no_progress, table=table,
+                                  checkpoint=run.checkpointing() if method == "nuts" else None,
+                                  **_method_kwargs(config.sampler))
     with run.timer.phase("write"):
         names = sampled_names(problem, plan)
         summary = population_summary(fit.tree, names)
-        diag = diagnostics(fit.tree, names)
+        diag = _diagnostics(fit, names, diagnostics)
         diag["sampling_seconds"] = run.timer.seconds["fit"]
         bio = bioavailability_summary(fit.tree)
-        record = {"diagnostics": diag, "bioavailability": bio, "config": config.model_dump(mode="json"),
+        record = {"method": fit.tree.attrs["method"], "warnings": warnings, "diagnostics": diag, "bioavailability": bio,
+                  "config": config.model_dump(mode="json"),
                   "config_file": run.config_file, "fixed": plan.fixed}
         livak = livak_fold_change(table) if isinstance(table, CtTable) else None
         coverage = None
@@ -453,11 +545,11 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
         if livak is not None:
             atomic_write(out / "livak.csv", lambda tmp: livak.to_csv(tmp, index=False))
         scalar_names = [n for n in names if n not in ("log_fc",)]
-        plot_rank(fit.tree, scalar_names, out / "rank.png")
-        plot_trace(fit.tree, scalar_names, out / "trace.png")
+        if method == "nuts":
+            plot_rank(fit.tree, scalar_names, out / "rank.png")
+            plot_trace(fit.tree, scalar_names, out / "trace.png")
         plot_dose_response(fit.tree, out / "dose_response.png", livak=livak)
-    with_cols = ["mean", "sd", "hdi90_lb", "hdi90_ub", "ess_bulk", "ess_tail", "r_hat"]
-    print(summary[[c for c in with_cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+    _print_summary(summary, method)
     for b in bio:
         print(f"bioavailability of {b['form']} relative to {b['reference']}: median {b['median']:.3g}, "
               f"90% interval [{b['q0.05']:.3g}, {b['q0.95']:.3g}], P(> 1) = {b['p_greater_than_1']:.2f}")
@@ -465,11 +557,9 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
         print("posterior predictive check (90% intervals):")
         print(coverage.to_string(index=False, float_format="{:.3g}".format))
     print(json.dumps(diag))
-    from ._output import map_vs_posterior
     from ._transcripts import transcript_model
 
-    _map_table(record, map_vs_posterior(transcript_model, (problem, plan), fit.laplace, fit.tree, names))
-    return run.finish(record, fit.tree, names)
+    return _finish(run, record, fit, names, (transcript_model, (problem, plan)))
 
 
 def _fit_custom(args, run: _Run, problem) -> int:
@@ -483,23 +573,22 @@ def _fit_custom(args, run: _Run, problem) -> int:
     check_problem(problem)
     sampler = config.sampler_config()
     method = config.sampler.method
-    what = ("MAP + Laplace approximation" if method == "map" else
-            f"{sampler.num_chains} chain(s) x ({sampler.num_warmup} warmup + {sampler.num_samples} draws)")
-    print(f"fitting: {what}, seed {config.seed}", flush=True)
+    warnings = precision_warnings(config.runtime.precision, method=method, rtol=(problem.solver or problem.model.solver).rtol,
+                                  implicit=(problem.solver or problem.model.solver).method == "kvaerno5")
+    _warn_precision(warnings)
+    print(f"fitting: {_what(config.sampler)}, seed {config.seed}", flush=True)
     with run.timer.phase("fit"):
         fit = run_custom(problem, sampler, key=jax.random.key(config.seed), method=method,
-                         progress_bar=not args.no_progress, checkpoint=run.checkpointing() if method == "nuts" else None)
+                         progress_bar=not args.no_progress, checkpoint=run.checkpointing() if method == "nuts" else None,
+                         num_starts=config.sampler.map_starts, num_laplace_draws=config.sampler.approx_draws,
+                         svi=config.sampler.svi())
     with run.timer.phase("write"):
         names = problem.summary_names()
         summary = population_summary(fit.tree, names)
-        record = {"method": fit.tree.attrs["method"], "config": config.model_dump(mode="json"),
+        record = {"method": fit.tree.attrs["method"], "warnings": warnings, "config": config.model_dump(mode="json"),
                   "config_file": run.config_file, "model": problem.model.name, "fixed": problem.model.fixed,
                   "per_dataset": list(problem.per_dataset), "per_unit": list(problem.per_unit)}
-        if method == "nuts":
-            diag = diagnostics(fit.tree, names)
-        else:
-            diag = {"draws_with_solver_failures": int((fit.tree["sample_stats"]["solver_failures"] > 0).sum()),
-                    "map_grad_norm": float(fit.laplace.grad_norm), "map_iterations": int(fit.laplace.num_iter)}
+        diag = _diagnostics(fit, names, diagnostics)
         diag["sampling_seconds"] = run.timer.seconds["fit"]
         record["diagnostics"] = diag
         write_tree(fit.tree, out / "posterior.nc")
@@ -508,17 +597,11 @@ def _fit_custom(args, run: _Run, problem) -> int:
             plot_rank(fit.tree, names, out / "rank.png")
             plot_trace(fit.tree, names, out / "trace.png")
         plot_timeseries_fit(problem, trajectory_bands(problem, fit.tree), out / "fit.png")
-    cols = ["mean", "sd", "hdi90_lb", "hdi90_ub"] + (["ess_bulk", "ess_tail", "r_hat"] if method == "nuts" else [])
-    print(summary[[c for c in cols if c in summary.columns]].to_string(float_format="{:.4g}".format))
+    _print_summary(summary, method)
     print(json.dumps(diag))
-    if method != "nuts":
-        print("MAP + Laplace approximation: no MCMC diagnostics apply, no gate verdict")
-        return run.finish(record)
     from ._custom import custom_model
-    from ._output import map_vs_posterior
 
-    _map_table(record, map_vs_posterior(custom_model, (problem,), fit.laplace, fit.tree, names))
-    return run.finish(record, fit.tree, names)
+    return _finish(run, record, fit, names, (custom_model, (problem,)))
 
 
 def _simulate_custom(args) -> int:

@@ -96,6 +96,24 @@ class SamplerSection(_Strict):
     max_tree_depth: int = Field(default=8, ge=1, le=12)
     chain_method: Literal["sequential", "vectorized"] = "sequential"
     adapt_mass_matrix: bool = False
+    # "nuts"; or a quick Gaussian approximation: "map" (MAP + Laplace), "svi" (full-rank ELBO fit)
+    method: Literal["nuts", "map", "svi"] = "nuts"
+    map_starts: int = Field(default=1, ge=1)  # L-BFGS starts: the prior medians + (map_starts - 1) prior draws
+    approx_draws: int = Field(default=2000, ge=10)  # draws kept from the "map" / "svi" approximation
+    svi_steps: int = Field(default=2000, ge=1)
+    svi_learning_rate: float = Field(default=0.01, gt=0)
+    svi_particles: int = Field(default=4, ge=1)
+
+    def nuts(self) -> SamplerConfig:
+        """The NUTS settings (:class:`inference._fit.SamplerConfig`)."""
+        return SamplerConfig(**self.model_dump(include=set(SamplerConfig.__dataclass_fields__)))
+
+    def svi(self):
+        """The SVI settings (:class:`inference._approx.SVISettings`)."""
+        from ._approx import SVISettings
+
+        return SVISettings(num_steps=self.svi_steps, learning_rate=self.svi_learning_rate,
+                           num_particles=self.svi_particles)
 
 
 class OutputSection(_Strict):
@@ -110,6 +128,9 @@ class RuntimeSection(_Strict):
     # None: $ZINCKIN_COMPILATION_CACHE, else ~/.cache/zinckin/jax (unless jax already has a cache
     # directory, e.g. from JAX_COMPILATION_CACHE_DIR); "": no persistent cache
     compilation_cache_dir: str | None = None
+    # "float32" halves memory and is faster on GPUs; checked against float64 in docs/inference.md
+    # ("Precision"), with warnings where it is unsafe
+    precision: Literal["float64", "float32"] = "float64"
 
 
 class GateSection(_Strict):
@@ -156,7 +177,7 @@ class FitConfig(_Strict):
         return SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps)
 
     def sampler_config(self) -> SamplerConfig:
-        return SamplerConfig(**self.sampler.model_dump())
+        return self.sampler.nuts()
 
     def parameter_plan(self, probe_kd_nM: float) -> ParameterPlan:
         fixed = {n: PARAM_SPECS[n].median for n in self.model.fixed_default}
@@ -262,7 +283,7 @@ class TranscriptFitConfig(_Strict):
         return v
 
     def sampler_config(self) -> SamplerConfig:
-        return SamplerConfig(**self.sampler.model_dump())
+        return self.sampler.nuts()
 
     def steady_config(self) -> SteadyStateConfig:
         s = self.steady_state
@@ -324,7 +345,7 @@ class CustomSamplerSection(SamplerSection):
     # small user models: the dense metric re-estimated in warmup is cheap and robust to
     # heavy-tailed priors (half-Cauchy) that the MAP's curvature misrepresents.
     adapt_mass_matrix: bool = True
-    method: Literal["nuts", "map"] = "nuts"
+    map_starts: int = Field(default=8, ge=1)  # oscillating and threshold models have local optima
 
 
 class CustomFitConfig(_Strict):
@@ -340,7 +361,7 @@ class CustomFitConfig(_Strict):
     runtime: RuntimeSection = RuntimeSection()
 
     def sampler_config(self) -> SamplerConfig:
-        return SamplerConfig(**self.sampler.model_dump(exclude={"method"}))
+        return self.sampler.nuts()
 
 
 def load_config(path) -> tuple[FitConfig | TranscriptFitConfig | CustomFitConfig, Path]:

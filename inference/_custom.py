@@ -42,12 +42,12 @@ import numpyro
 import numpyro.distributions as dist
 import xarray as xr
 from arviz_base import from_dict
-from jax.flatten_util import ravel_pytree
 from numpyro.infer import NUTS, Predictive, log_likelihood
 from numpyro.infer.util import constrain_fn
 
 from models import LogNormal, ModelError, ODEModel, ODESolver
 
+from ._approx import APPROX_METHODS, SVISettings, approximate
 from ._fit import EXTRA_FIELDS, LAPLACE_STEP_SIZE, SamplerConfig, chain_starts, sample_stats
 from ._laplace import laplace_init
 from ._sampling import sample_nuts
@@ -369,44 +369,39 @@ def check_problem(problem: CustomProblem) -> dict:
 
 @dataclasses.dataclass
 class CustomFit:
-    """A finished fit: the DataTree, its problem and the MAP / Laplace start."""
+    """A finished fit: the DataTree, its problem, the MAP / Laplace start and (``map`` / ``svi``) the approximation."""
 
     tree: xr.DataTree
     problem: CustomProblem
     laplace: object
     method: str
+    approximation: object = None
 
 
 def run_custom(problem: CustomProblem, config: SamplerConfig, *, key, method: str = "nuts",
                progress_bar: bool = True, num_laplace_draws: int = 2000, num_starts: int = 8,
-               checkpoint=None) -> CustomFit:
-    """Fit with NUTS (started at the MAP with the Laplace metric) or by MAP + Laplace approximation.
+               checkpoint=None, svi: SVISettings = SVISettings()) -> CustomFit:
+    """Fit with NUTS (started at the MAP with the Laplace metric) or by a Gaussian approximation.
 
     The MAP is the best of ``num_starts`` L-BFGS runs (the prior medians and prior draws).
 
-    ``method="map"``: the posterior group holds ``num_laplace_draws`` draws of the Laplace
-    approximation (a Gaussian in numpyro's unconstrained space, mapped through the constraints),
-    one chain; ``tree.attrs["method"]`` says which it is. Diagnostics such as R-hat do not apply.
+    ``method="map"`` / ``"svi"``: the posterior group holds ``num_laplace_draws`` draws of the
+    Laplace approximation or of the SVI Gaussian (:mod:`inference._approx`), one pseudo-chain;
+    ``tree.attrs["method"]`` says which it is. Diagnostics such as R-hat do not apply.
     """
-    if method not in ("nuts", "map"):
-        raise ValueError(f"method must be 'nuts' or 'map', got {method!r}.")
+    if method not in ("nuts", *APPROX_METHODS):
+        raise ValueError(f"method must be 'nuts', 'map' or 'svi', got {method!r}.")
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
     laplace = laplace_init(custom_model, (problem,), key=k_init, max_iter=500, tol=1e-6, host_loop=True,
                            num_starts=num_starts)
-    if method == "map":
-        chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(laplace.flat_map.shape[0]))
-        eps = jax.random.normal(k_mcmc, (num_laplace_draws, laplace.flat_map.shape[0]))
-        _, unravel = ravel_pytree(laplace.z_map)
-        flats = laplace.flat_map + eps @ chol.T
-        to_constrained = jax.jit(jax.vmap(lambda f: constrain_fn(custom_model, (problem,), {}, unravel(f),
-                                                                 return_deterministic=True)))
-        draws = to_constrained(flats)
-        samples = {k: np.asarray(v)[None] for k, v in draws.items()}
+    if method != "nuts":
+        approx = approximate(custom_model, (problem,), laplace, method=method, key=k_mcmc,
+                             num_draws=num_laplace_draws, svi=svi, progress_bar=progress_bar)
+        tree = custom_tree(problem, approx.samples, None, key=k_ppc, max_tree_depth=0)
+        tree.attrs["method"] = approx.method
         map_point = constrain_fn(custom_model, (problem,), {}, laplace.z_map)
-        tree = custom_tree(problem, samples, None, key=k_ppc, max_tree_depth=0)
-        tree.attrs["method"] = "laplace"
         tree.attrs["map"] = str({k: np.asarray(v).tolist() for k, v in map_point.items()})
-        return CustomFit(tree=tree, problem=problem, laplace=laplace, method=method)
+        return CustomFit(tree=tree, problem=problem, laplace=laplace, method=method, approximation=approx)
     init = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(custom_model, problem))
     kernel = NUTS(custom_model, target_accept_prob=config.target_accept_prob, max_tree_depth=config.max_tree_depth,
                   dense_mass=True, inverse_mass_matrix=laplace.inverse_mass_matrix,
@@ -460,10 +455,7 @@ def custom_tree(problem: CustomProblem, samples: dict, extra: dict | None, *, ke
     for name, value in m.fixed.items():
         constant[f"fixed_{name}"] = np.array([d.constants.get(name, value) for d in problem.datasets])
         dims[f"fixed_{name}"] = ["dataset"]
-    if extra is not None:
-        stats = sample_stats(extra, failures, max_tree_depth)
-    else:
-        stats = {"solver_failures": failures.astype(int)}
+    stats = sample_stats(extra, failures, max_tree_depth)
     groups = {
         "posterior": posterior,
         "posterior_predictive": {s: by_chain(ppc[s]) for s, _, _ in sites},

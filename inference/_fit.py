@@ -14,6 +14,7 @@ from numpyro.infer import NUTS, Predictive, log_likelihood
 from data import ImagingDataset
 from models import PARAM_SPECS, SolverConfig, ZincFluxRapidEquilibrium
 
+from ._approx import Approximation, SVISettings, approximate
 from ._laplace import LaplaceInit, laplace_init
 from ._model import ImagingProblem, ParameterPlan, empirical_refs, imaging_model
 from ._sampling import Checkpointing, sample_nuts
@@ -90,17 +91,32 @@ def population_var_names(plan: ParameterPlan) -> list[str]:
 
 @dataclasses.dataclass
 class FitResult:
-    """A finished NUTS fit: the DataTree and the plan it used."""
+    """A finished fit: the DataTree, the plan it used, the MAP and (``map`` / ``svi``) the approximation."""
 
     tree: xr.DataTree
     plan: ParameterPlan
     problem: ImagingProblem
     laplace: LaplaceInit
+    approximation: Approximation | None = None
+
+
+def find_map(model, model_args, *, key, num_starts: int = 1, **kwargs) -> LaplaceInit:
+    """MAP and Laplace covariance (:func:`inference._laplace.laplace_init`) from ``num_starts`` starts.
+
+    One start runs as a single compiled program; several run the host-driven, vmapped multi-start
+    L-BFGS (the prior medians plus ``num_starts - 1`` prior draws; the lowest potential wins).
+    """
+    return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=num_starts > 1, **kwargs)
 
 
 def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig, *, key,
-             cell_id, progress_bar: bool = True, checkpoint: Checkpointing | None = None) -> FitResult:
-    """Sample the hierarchical imaging model with NUTS and collect every output group.
+             cell_id, progress_bar: bool = True, checkpoint: Checkpointing | None = None, method: str = "nuts",
+             map_starts: int = 1, approx_draws: int = 2000, svi: SVISettings = SVISettings()) -> FitResult:
+    """Fit the hierarchical imaging model and collect every output group.
+
+    ``method="nuts"``: NUTS started at the MAP with the Laplace metric. ``"map"`` or ``"svi"``:
+    ``approx_draws`` draws of the Laplace or SVI Gaussian (:mod:`inference._approx`) as one
+    pseudo-chain, ``tree.attrs["method"]`` ``"laplace"`` / ``"svi"``; no sampler diagnostics.
 
     Returns a :class:`FitResult` whose ``tree`` has groups ``posterior``,
     ``posterior_predictive``, ``log_likelihood``, ``sample_stats`` (with ``solver_failures``
@@ -108,7 +124,13 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
     With ``checkpoint``, sampling saves its progress and can resume (:mod:`inference._sampling`).
     """
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
-    laplace = laplace_init(imaging_model, (problem, plan), key=k_init)
+    laplace = find_map(imaging_model, (problem, plan), key=k_init, num_starts=map_starts)
+    if method != "nuts":
+        approx = approximate(imaging_model, (problem, plan), laplace, method=method, key=k_mcmc,
+                             num_draws=approx_draws, svi=svi, progress_bar=progress_bar)
+        tree = assemble_tree(problem, plan, approx.samples, None, key=k_ppc, cell_id=cell_id, max_tree_depth=0)
+        tree.attrs["method"] = approx.method
+        return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace, approximation=approx)
     init_params = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(imaging_model, problem, plan))
     kernel = NUTS(
         imaging_model,
@@ -123,6 +145,7 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
                                  extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint)
     tree = assemble_tree(problem, plan, samples, extra, key=k_ppc, cell_id=cell_id,
                          max_tree_depth=config.max_tree_depth)
+    tree.attrs["method"] = "nuts"
     return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace)
 
 
@@ -161,8 +184,11 @@ def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
 
     ``solver_failures`` per draw: failed rows at the kept point (0 for NUTS, whose accepted points
     have a finite density) plus, where :func:`inference._sampling.sample_nuts` counted them, the
-    failed solves inside the draw's trajectory.
+    failed solves inside the draw's trajectory. ``extra=None`` (draws of an approximation): only
+    ``solver_failures``.
     """
+    if extra is None:
+        return {"solver_failures": np.asarray(solver_failures).astype(int)}
     steps = np.asarray(extra["num_steps"])
     if "solver_failures_in_trajectory" in extra:
         solver_failures = np.asarray(solver_failures) + np.asarray(extra["solver_failures_in_trajectory"])
@@ -180,7 +206,7 @@ def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
     return stats
 
 
-def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, extra: dict, *,
+def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, extra: dict | None, *,
                   key, cell_id, max_tree_depth: int) -> xr.DataTree:
     """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields."""
     samples = {k: np.asarray(v) for k, v in samples.items()}

@@ -48,8 +48,8 @@ from models import (
     transcription_model,
 )
 
-from ._fit import EXTRA_FIELDS, LAPLACE_STEP_SIZE, SamplerConfig, chain_starts, sample_stats
-from ._laplace import laplace_init
+from ._approx import SVISettings, approximate
+from ._fit import EXTRA_FIELDS, LAPLACE_STEP_SIZE, SamplerConfig, chain_starts, find_map, sample_stats
 from ._sampling import sample_nuts
 
 
@@ -441,13 +441,25 @@ class TranscriptFit:
     plan: TranscriptPlan
     problem: TranscriptProblem
     laplace: object = None
+    approximation: object = None
 
 
 def run_transcript_nuts(problem: TranscriptProblem, plan: TranscriptPlan, config: SamplerConfig, *, key,
-                        progress_bar: bool = True, table=None, checkpoint=None) -> TranscriptFit:
-    """MAP + Laplace start, then NUTS with the Laplace metric; returns the DataTree (see :func:`transcript_tree`)."""
+                        progress_bar: bool = True, table=None, checkpoint=None, method: str = "nuts",
+                        map_starts: int = 1, approx_draws: int = 2000, svi: SVISettings = SVISettings()) -> TranscriptFit:
+    """MAP + Laplace start, then NUTS with the Laplace metric; returns the DataTree (see :func:`transcript_tree`).
+
+    ``method="map"`` / ``"svi"``: the Laplace or SVI approximation instead of NUTS
+    (:func:`inference._fit.run_nuts` says how).
+    """
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
-    laplace = laplace_init(transcript_model, (problem, plan), key=k_init, batch_hessian=False)
+    laplace = find_map(transcript_model, (problem, plan), key=k_init, num_starts=map_starts, batch_hessian=False)
+    if method != "nuts":
+        approx = approximate(transcript_model, (problem, plan), laplace, method=method, key=k_mcmc,
+                             num_draws=approx_draws, svi=svi, progress_bar=progress_bar, parallel=False)
+        tree = transcript_tree(problem, plan, approx.samples, None, key=k_ppc, max_tree_depth=0, table=table)
+        tree.attrs["method"] = approx.method
+        return TranscriptFit(tree=tree, plan=plan, problem=problem, laplace=laplace, approximation=approx)
     init = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(transcript_model, problem, plan))
     kernel = NUTS(transcript_model, target_accept_prob=config.target_accept_prob, max_tree_depth=config.max_tree_depth,
                   dense_mass=True, inverse_mass_matrix=laplace.inverse_mass_matrix,
@@ -455,6 +467,7 @@ def run_transcript_nuts(problem: TranscriptProblem, plan: TranscriptPlan, config
     samples, extra = sample_nuts(kernel, config, key=k_mcmc, model_args=(problem, plan), init_params=init,
                                  extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint)
     tree = transcript_tree(problem, plan, samples, extra, key=k_ppc, max_tree_depth=config.max_tree_depth, table=table)
+    tree.attrs["method"] = "nuts"
     return TranscriptFit(tree=tree, plan=plan, problem=problem, laplace=laplace)
 
 
@@ -468,7 +481,7 @@ def _group_coords(problem: TranscriptProblem, prefix: str, index) -> dict:
     }
 
 
-def transcript_tree(problem: TranscriptProblem, plan: TranscriptPlan, samples: dict, extra: dict, *, key,
+def transcript_tree(problem: TranscriptProblem, plan: TranscriptPlan, samples: dict, extra: dict | None, *, key,
                     max_tree_depth: int, table=None) -> xr.DataTree:
     """Assemble the DataTree: posterior, posterior_predictive, log_likelihood, sample_stats,
     observed_data, constant_data; dims ``tissue``, ``form``, ``dose``, ``gene`` (grid),

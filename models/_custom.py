@@ -627,7 +627,7 @@ class ODEModel:
         at = "with the parameters at their prior medians" if values is None else "with the given parameters"
         values = dict(self.reference_values() if values is None else values)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        p = self.params_view({k: jnp.asarray(v, dtype=jnp.float64) for k, v in values.items()})
+        p = self.params_view({k: jnp.asarray(v, dtype=float) for k, v in values.items()})
 
         def call(what, fn, *args):
             try:
@@ -637,7 +637,7 @@ class ODEModel:
             except Exception as e:  # a bug in user code: name the function and keep the message
                 raise self._err(f"{what} raised {type(e).__name__}: {e}. Fix: correct {what}.") from e
 
-        ts = jnp.asarray(ts, dtype=jnp.float64)
+        ts = jnp.asarray(ts, dtype=float)
         y0 = call("the initial values", self.initial_guess, p, ts.dtype)
         if y0.shape != (len(self.states),):
             raise self._err(f"the initial values have shape {y0.shape}; expected ({len(self.states)},). Fix: one scalar per state.")

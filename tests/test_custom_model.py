@@ -331,11 +331,12 @@ def test_cli_converts_data_time_units(tmp_path, capsys):
     assert "unknown time unit 'fortnight'" in capsys.readouterr().err
 
 
-def test_cli_map_fit_and_simulate_recover_a_decay_rate(tmp_path, capsys):
-    """simulate -> MAP fit through the command line: the truth lies within 3.3 Laplace sds of the
-    mean (99.9% two-sided per parameter, so a miss means bias, not bad luck)."""
+@pytest.mark.parametrize("method", ["map", "svi"])
+def test_cli_approximate_fit_and_simulate_recover_a_decay_rate(tmp_path, capsys, method):
+    """simulate -> MAP + Laplace or SVI fit through the command line: the truth lies within 3.3
+    sds of the approximation's mean (99.9% two-sided per parameter, so a miss means bias, not bad luck)."""
     cfg = _write_config(tmp_path, MODEL_SRC, "time,x\n" + "".join(f"{t},1\n" for t in np.arange(0, 6.5, 0.5)),
-                        '\n[sampler]\nmethod = "map"\n')
+                        f'\n[sampler]\nmethod = "{method}"\nsvi_steps = 1500\n')
     assert main(["simulate", "--config", str(cfg), "--out", str(tmp_path / "sim"), "--param", "k=0.7",
                  "--param", "x0=8", "--param", "s=0.05", "--seed", "3"]) == 0
     (tmp_path / "d.csv").write_text((tmp_path / "sim" / "d.csv").read_text())
@@ -346,7 +347,11 @@ def test_cli_map_fit_and_simulate_recover_a_decay_rate(tmp_path, capsys):
     for name, truth in {"k": 0.7, "x0": 8.0}.items():
         assert abs(summary.loc[name, "mean"] - truth) < 3.3 * summary.loc[name, "sd"], summary
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["method"] == "laplace" and run["diagnostics"]["map_grad_norm"] < 1e-3
+    assert run["method"] == {"map": "laplace", "svi": "svi"}[method] and run["diagnostics"]["map_grad_norm"] < 1e-3
+    assert "gate" not in run and "no gate verdict" in capsys.readouterr().out
+    if method == "svi":
+        assert run["diagnostics"]["svi_steps"] == 1500 and run["diagnostics"]["nonfinite_steps"] == 0
+        assert {r["parameter"] for r in run["map_vs_posterior"]} >= {"k", "x0", "s"}
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ two cores) and is deselected by default: run it with ``pytest -m long tests/test
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -39,17 +40,18 @@ def test_joint_fit_recovers_shared_parameters_and_is_narrower_than_either_data_s
     jointly than from either data set alone."""
     import arviz_stats as azs
 
-    from inference._fit import SamplerConfig
 
     config, base = load_config(EXAMPLE / "fit.toml")
     truth = json.loads((EXAMPLE / "truth.json").read_text())["parameters"]
     joint = load_custom(config, base)
-    sampler = SamplerConfig(**config.sampler.model_dump(exclude={"method"}))
+    sampler = config.sampler_config()
     problems = {"joint": joint, "imaging": dataclasses.replace(joint, datasets=joint.datasets[:1]),
                 "transcripts": dataclasses.replace(joint, datasets=joint.datasets[1:])}
     report = {}
     for label, problem in problems.items():
+        start = time.perf_counter()
         tree = run_custom(problem, sampler, key=jax.random.key(config.seed), progress_bar=False).tree
+        print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
         post = tree["posterior"]
         rhat = azs.rhat(post.dataset)
         ess = azs.ess(post.dataset)

@@ -205,11 +205,8 @@ def test_mtf1_grid_fold_changes_match_the_model(ct_table):
         np.testing.assert_allclose(np.exp(np.asarray(log_fc[0, f])), np.asarray(fc), rtol=1e-10)
 
 
-@pytest.mark.slow
-def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
-    """Model B on a simulated fold-change table (two forms, five doses, known sem): the 90%
-    interval of glycinate's bioavailability covers the truth, and so do simultaneous 90%
-    (Bonferroni) intervals of every noise-free fold change."""
+def _simulated_fold_changes(tmp_path):
+    """Model B fold changes (two forms, four doses, known sem 8%) from known parameters."""
     import models as m
 
     model = m.MTF1Transcription.for_genes(["MT1", "ZnT1", "ZIP4"], feedback=False)
@@ -234,6 +231,26 @@ def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
     plan = default_transcript_plan()
     problem = build_transcript_problem(table, plan)
     assert not problem.unknown_noise
+    return problem, plan, f_gly, true_fc
+
+
+def _covers_bioavailability_and_fold_changes(post, f_gly, true_fc):
+    lo, hi = post["bioavailability"].sel(other_form="glycinate").quantile([0.05, 0.95]).values
+    assert lo <= f_gly <= hi, (lo, hi)
+    alpha = 0.1 / len(true_fc)
+    fc = post["fold_change"]
+    for (g, form, d), v in true_fc.items():
+        draws = fc.sel(tissue="duodenum", form=form, dose=d, gene=g).values.ravel()
+        q = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+        assert q[0] <= v <= q[1], (g, form, d, v, q)
+
+
+@pytest.mark.slow
+def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
+    """Model B on a simulated fold-change table (two forms, four doses, known sem): the 90%
+    interval of glycinate's bioavailability covers the truth, and so do simultaneous 90%
+    (Bonferroni) intervals of every noise-free fold change."""
+    problem, plan, f_gly, true_fc = _simulated_fold_changes(tmp_path)
     # Known, small noise leaves a curved ridge: below the absorption half-saturation only
     # uptake_gain / absorption_km_mgkg is determined, and mtf1_k_nM / mtf1_hill trade off with
     # both. Measured: 2 of 1400 draws diverge at target 0.95 (seed 0); at 0.8, 10 and 11 (seeds 0
@@ -246,14 +263,21 @@ def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
     assert int(fit.tree["sample_stats"]["diverging"].sum()) <= 14
     rhat = azs.rhat(post.to_dataset()[["bioavailability", "amplitude", "mtf1_hill"]])
     assert max(float(rhat[v].max()) for v in rhat.data_vars) < 1.05
-    lo, hi = post["bioavailability"].sel(other_form="glycinate").quantile([0.05, 0.95]).values
-    assert lo <= f_gly <= hi, (lo, hi)
-    alpha = 0.1 / len(true_fc)
-    fc = post["fold_change"]
-    for (g, form, d), v in true_fc.items():
-        draws = fc.sel(tissue="duodenum", form=form, dose=d, gene=g).values.ravel()
-        q = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
-        assert q[0] <= v <= q[1], (g, form, d, v, q)
+    _covers_bioavailability_and_fold_changes(post, f_gly, true_fc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["map", "svi"])
+def test_mtf1_approximations_recover_bioavailability_and_fold_changes(tmp_path, method):
+    """The same simulated table fitted by ``method="map"`` (Laplace) and ``"svi"``: the same
+    coverage checks as the NUTS fit, no draw with a failed solve."""
+    problem, plan, f_gly, true_fc = _simulated_fold_changes(tmp_path)
+    fit = run_transcript_nuts(problem, plan, SamplerConfig(), key=jax.random.key(0), progress_bar=False,
+                              method=method, approx_draws=2000)
+    assert fit.tree.attrs["method"] == {"map": "laplace", "svi": "svi"}[method]
+    print(fit.approximation.info)
+    _covers_bioavailability_and_fold_changes(fit.tree["posterior"], f_gly, true_fc)
+    assert int(fit.tree["sample_stats"]["solver_failures"].sum()) == 0
 
 
 def test_raw_ct_fit_through_the_cli_writes_every_output(tmp_path, capsys):

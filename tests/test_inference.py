@@ -122,3 +122,22 @@ def test_simulate_writes_dataset_that_loads(tmp_path):
     assert set(truth["cells"]["zc_rest_nM"]) == set(ds.traces.cell_id)
     assert (out / "COMMAND.txt").read_text().startswith("zinckin simulate")
     assert main(["simulate", "--out", str(out), "--num-cells", "3"]) == 2  # no silent overwrite
+
+
+def test_numpyro_works_when_arviz_is_imported_first():
+    """arviz-base registers numpyro as a lazy module; a script that imports arviz_stats before our
+    packages must still get a working numpyro.factor (our packages import numpyro itself first)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import arviz_stats\nimport inference\nimport numpyro\n"
+            "from numpyro.infer.util import log_density\n"
+            "def m():\n    numpyro.factor('f', -1.5)\n"
+            "print(float(log_density(m, (), {}, {})[0]))\n")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "-1.5"

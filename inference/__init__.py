@@ -6,6 +6,7 @@ import os as _os
 _os.environ.setdefault("EQX_ON_ERROR", "off")  # before equinox is imported; see models/__init__.py
 import numpyro as _numpyro  # noqa: E402, F401  (before its submodules; see models/__init__.py)
 
+from ._approx import Approximation as Approximation, SVISettings as SVISettings, approximate as approximate
 from ._config import (
     ConfigError as ConfigError,
     FitConfig as FitConfig,

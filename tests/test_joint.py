@@ -50,7 +50,8 @@ def test_joint_fit_recovers_shared_parameters_and_is_narrower_than_either_data_s
     report = {}
     for label, problem in problems.items():
         start = time.perf_counter()
-        tree = run_custom(problem, sampler, key=jax.random.key(config.seed), progress_bar=False).tree
+        tree = run_custom(problem, sampler, key=jax.random.key(config.seed), progress_bar=False,
+                          num_starts=config.sampler.map_starts).tree
         print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
         post = tree["posterior"]
         rhat = azs.rhat(post.dataset)

@@ -407,7 +407,6 @@ def cmd_fit(args) -> int:
     from ._fit import build_problem, population_var_names, run_nuts
     from ._output import (
         atomic_write,
-        diagnostics,
         plot_ppc_traces,
         plot_rank,
         plot_trace,
@@ -443,7 +442,7 @@ def cmd_fit(args) -> int:
     with run.timer.phase("write"):
         names = population_var_names(plan)
         summary = population_summary(result.tree, names)
-        diag = _diagnostics(result, names, diagnostics)
+        diag = _diagnostics(result, names)
         diag["sampling_seconds"] = run.timer.seconds["fit"]
         write_tree(result.tree, out / "posterior.nc")
         atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp))
@@ -477,8 +476,10 @@ def _method_kwargs(sampler) -> dict:
             "svi": sampler.svi()}
 
 
-def _diagnostics(fit, names, diagnostics) -> dict:
+def _diagnostics(fit, names) -> dict:
     """Sampler diagnostics of a NUTS fit; the approximation's figures for ``map`` / ``svi``."""
+    from ._output import diagnostics
+
     if fit.approximation is None:
         return diagnostics(fit.tree, names)
     failures = fit.tree["sample_stats"]["solver_failures"]
@@ -509,7 +510,7 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
 
     from data import CtTable, livak_fold_change
 
-    from ._output import atomic_write, diagnostics, plot_dose_response, plot_rank, plot_trace, population_summary, write_tree
+    from ._output import atomic_write, plot_dose_response, plot_rank, plot_trace, population_summary, write_tree
     from ._transcripts import bioavailability_summary, ppc_coverage, run_transcript_nuts, sampled_names
 
     config, out = run.config, run.out
@@ -527,7 +528,7 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
     with run.timer.phase("write"):
         names = sampled_names(problem, plan)
         summary = population_summary(fit.tree, names)
-        diag = _diagnostics(fit, names, diagnostics)
+        diag = _diagnostics(fit, names)
         diag["sampling_seconds"] = run.timer.seconds["fit"]
         bio = bioavailability_summary(fit.tree)
         record = {"method": fit.tree.attrs["method"], "warnings": warnings, "diagnostics": diag, "bioavailability": bio,
@@ -566,15 +567,16 @@ def _fit_custom(args, run: _Run, problem) -> int:
     import jax
 
     from ._custom import check_problem, run_custom, trajectory_bands
-    from ._output import atomic_write, diagnostics, plot_rank, plot_timeseries_fit, plot_trace, population_summary, write_tree
+    from ._output import atomic_write, plot_rank, plot_timeseries_fit, plot_trace, population_summary, write_tree
 
     config, out = run.config, run.out
     _describe_custom(problem)
     check_problem(problem)
     sampler = config.sampler_config()
     method = config.sampler.method
-    warnings = precision_warnings(config.runtime.precision, method=method, rtol=(problem.solver or problem.model.solver).rtol,
-                                  implicit=(problem.solver or problem.model.solver).method == "kvaerno5")
+    solver = problem.solver or problem.model.solver
+    warnings = precision_warnings(config.runtime.precision, method=method, rtol=solver.rtol,
+                                  implicit=solver.method == "kvaerno5")
     _warn_precision(warnings)
     print(f"fitting: {_what(config.sampler)}, seed {config.seed}", flush=True)
     with run.timer.phase("fit"):
@@ -588,7 +590,7 @@ def _fit_custom(args, run: _Run, problem) -> int:
         record = {"method": fit.tree.attrs["method"], "warnings": warnings, "config": config.model_dump(mode="json"),
                   "config_file": run.config_file, "model": problem.model.name, "fixed": problem.model.fixed,
                   "per_dataset": list(problem.per_dataset), "per_unit": list(problem.per_unit)}
-        diag = _diagnostics(fit, names, diagnostics)
+        diag = _diagnostics(fit, names)
         diag["sampling_seconds"] = run.timer.seconds["fit"]
         record["diagnostics"] = diag
         write_tree(fit.tree, out / "posterior.nc")

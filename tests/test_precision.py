@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from test_custom_model import MODEL_SRC  # x' = -k x, estimated x0, log-normal sd
 
 from inference._cli import FLOAT32_MIN_RTOL, precision_warnings
 
@@ -100,22 +101,6 @@ def test_precision_warnings_name_each_unsafe_setting():
     w = precision_warnings("float32", method="nuts", rtol=1e-7, implicit=True, newton_tol=1e-9)
     assert len(w) == 4
     assert "NUTS" in w[0] and "rtol 1e-07" in w[1] and "implicit solver" in w[2] and "tol 1e-09" in w[3]
-
-
-MODEL_SRC = """
-    import numpyro.distributions as dist
-    from models import LogNormal, Observable, ODEModel, Parameter, State
-
-    def vf(t, y, p):
-        return {"x": -p["k"] * y["x"]}
-
-    model = ODEModel(name="decay", time_unit="h", vector_field=vf,
-                     states=[State("x", "uM", initial="x0")],
-                     parameters=[Parameter("k", "1/h", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("x0", "uM", dist.LogNormal(2.0, 1.0)),
-                                 Parameter("s", "1", dist.HalfNormal(0.5))],
-                     observables=[Observable("x", "x", LogNormal("s"), "uM")])
-"""
 
 
 def test_float32_fit_through_the_cli_warns_records_and_recovers(tmp_path):

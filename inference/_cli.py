@@ -64,6 +64,53 @@ def _set_precision(run) -> None:
     jax.config.update("jax_enable_x64", run.config.runtime.precision == "float64")
 
 
+# [runtime.distributed] field -> environment variables read when the field is left out (first set wins)
+DISTRIBUTED_ENV = {"coordinator_address": ("ZINCKIN_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"),
+                   "num_processes": ("ZINCKIN_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+                   "process_id": ("ZINCKIN_PROCESS_ID", "JAX_PROCESS_ID")}
+
+
+def _distributed(runtime) -> bool:
+    """Join a multi-process job (``jax.distributed.initialize``) when ``[runtime.distributed]`` or
+    ``$ZINCKIN_COORDINATOR_ADDRESS`` (or ``$JAX_COORDINATOR_ADDRESS``) asks for one; returns
+    whether this is such a job.
+
+    Must run before any computation. Then every process runs the same fit: with
+    ``chain_method = "sharded"`` the chains are spread over all processes' devices; process 0
+    alone writes the run directory.
+    """
+    import os
+
+    import jax
+
+    from ._config import DistributedSection
+
+    section = runtime.distributed
+    if section is None and not any(os.environ.get(v) for v in DISTRIBUTED_ENV["coordinator_address"]):
+        return False
+    section = section or DistributedSection()
+    kwargs = {}
+    for field, names in DISTRIBUTED_ENV.items():
+        value = getattr(section, field)
+        var = next((v for v in names if os.environ.get(v)), None)
+        if value is None and var is not None:
+            try:
+                value = os.environ[var] if field == "coordinator_address" else int(os.environ[var])
+            except ValueError:
+                raise UsageError(f"${var} = {os.environ[var]!r} is not a whole number.") from None
+        kwargs[field] = value
+    kwargs["local_device_ids"] = section.local_device_ids
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"could not join the multi-process job ({', '.join(f'{k}={v}' for k, v in kwargs.items())}): "
+                         f"{e}. Fix: check [runtime.distributed] or $ZINCKIN_COORDINATOR_ADDRESS, "
+                         "$ZINCKIN_NUM_PROCESSES and $ZINCKIN_PROCESS_ID.") from None
+    print(f"process {jax.process_index()} of {jax.process_count()}: {len(jax.local_devices())} local device(s), "
+          f"{jax.device_count()} in all", flush=True)
+    return True
+
+
 def _warn_precision(warnings: list[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
@@ -268,6 +315,8 @@ class _Run:
     resume: bool
     argv: list
     timer: object
+    # a process other than 0 of a multi-process job: writes into a private folder, removed at the end
+    secondary: bool = False
 
     def inputs(self) -> dict:
         from ._provenance import input_files, sha256
@@ -310,6 +359,14 @@ class _Run:
         record["provenance"]["resumed"] = self.resume
         write_json(record, self.out / "run.json")
         (self.out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        if self.secondary:
+            import shutil
+
+            import jax
+
+            shutil.rmtree(self.out, ignore_errors=True)
+            print(f"process {jax.process_index()}: done (process 0 writes the run directory)")
+            return status
         print(f"results in {self.out}/")
         return status
 
@@ -320,6 +377,30 @@ def _map_table(record: dict, table) -> None:
         print("MAP (the start point) against the posterior; z = (MAP - mean) / sd:")
         print(table.to_string(float_format="{:.4g}".format))
     record["map_vs_posterior"] = table.reset_index().to_dict(orient="records")
+
+
+def _secondary_process(config) -> bool:
+    """Join a multi-process job if the config or environment asks (:func:`_distributed`); True on
+    every process but process 0.
+    """
+    import jax
+
+    return _distributed(config.runtime) and jax.process_index() != 0
+
+
+def _private_out(out: Path, *, resume: bool) -> Path:
+    """The folder a secondary process writes into (its copy of the checkpoint when resuming)."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    from ._sampling import CHECKPOINT_NAME
+
+    private = Path(tempfile.mkdtemp(prefix=f"zinckin-process{jax.process_index()}-"))
+    if resume:
+        shutil.copy2(out / CHECKPOINT_NAME, private / CHECKPOINT_NAME)
+    return private
 
 
 def _start_run(args) -> _Run:
@@ -352,6 +433,9 @@ def _start_run(args) -> _Run:
                 raise ConfigError(f"{path} ({key}) {'is gone' if not path.exists() else 'changed'} since the fit in "
                                   f"{out} started. Fix: restore it to resume, or refit with --overwrite.")
         config = parse_config(meta["config_text"], meta["config_file"])
+        if _secondary_process(config):
+            return _Run(config, Path(meta["base_dir"]), meta["config_text"], meta["config_file"],
+                        _private_out(out, resume=True), True, list(args.argv), timer, secondary=True)
         return _Run(config, Path(meta["base_dir"]), meta["config_text"], meta["config_file"], out, True,
                     list(args.argv), timer)
     if args.from_run:
@@ -366,6 +450,9 @@ def _start_run(args) -> _Run:
         text = Path(args.config).read_text()
         config_file = str(Path(args.config).resolve())
     out = Path(args.out) if args.out else Path(config.output.dir)
+    if _secondary_process(config):
+        return _Run(config, base, text, config_file, _private_out(out, resume=False), False, list(args.argv), timer,
+                    secondary=True)
     if (out / "posterior.nc").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
     if (out / CHECKPOINT_NAME).exists():

@@ -94,7 +94,7 @@ class SamplerSection(_Strict):
     num_chains: int = Field(default=2, ge=1)
     target_accept_prob: float = Field(default=0.8, gt=0, lt=1)
     max_tree_depth: int = Field(default=8, ge=1, le=12)
-    chain_method: Literal["sequential", "vectorized"] = "sequential"
+    chain_method: Literal["sequential", "vectorized", "sharded"] = "sequential"
     adapt_mass_matrix: bool = False
     # "nuts"; or a quick Gaussian approximation: "map" (MAP + Laplace), "svi" (full-rank ELBO fit)
     method: Literal["nuts", "map", "svi"] = "nuts"
@@ -122,8 +122,23 @@ class OutputSection(_Strict):
     checkpoint_every: int = Field(default=250, ge=0)  # kept draws per chain between checkpoints; 0: no checkpoints
 
 
+class DistributedSection(_Strict):
+    """``[runtime.distributed]``: one fit over several processes (hosts) with ``jax.distributed``.
+
+    Each field left out is read from the environment (``ZINCKIN_COORDINATOR_ADDRESS``,
+    ``ZINCKIN_NUM_PROCESSES``, ``ZINCKIN_PROCESS_ID``), else left to jax's own detection
+    (``JAX_COORDINATOR_ADDRESS``, SLURM, Open MPI, Kubernetes). The process id usually comes from
+    the environment, since every process reads the same config.
+    """
+
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = Field(default=None, ge=1)
+    process_id: int | None = Field(default=None, ge=0)
+    local_device_ids: list[int] | None = None  # this process's devices (default: all it sees)
+
+
 class RuntimeSection(_Strict):
-    """``[runtime]``: where compiled programs are cached between runs."""
+    """``[runtime]``: compilation cache, precision and multi-process runs."""
 
     # None: $ZINCKIN_COMPILATION_CACHE, else ~/.cache/zinckin/jax (unless jax already has a cache
     # directory, e.g. from JAX_COMPILATION_CACHE_DIR); "": no persistent cache
@@ -131,6 +146,8 @@ class RuntimeSection(_Strict):
     # "float32" halves memory and is faster on GPUs; checked against float64 in docs/inference.md
     # ("Precision"), with warnings where it is unsafe
     precision: Literal["float64", "float32"] = "float64"
+    # several processes (hosts) in one fit; also switched on by $ZINCKIN_COORDINATOR_ADDRESS
+    distributed: DistributedSection | None = None
 
 
 class GateSection(_Strict):

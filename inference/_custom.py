@@ -50,7 +50,7 @@ from models import LogNormal, ModelError, ODEModel, ODESolver
 from ._approx import APPROX_METHODS, SVISettings, approximate
 from ._fit import EXTRA_FIELDS, LAPLACE_STEP_SIZE, SamplerConfig, chain_starts, sample_stats
 from ._laplace import laplace_init
-from ._sampling import sample_nuts
+from ._sampling import chain_layout, sample_nuts
 
 
 def load_model_file(path, object_name: str = "model") -> ODEModel:
@@ -378,6 +378,7 @@ class CustomFit:
     approximation: object = None
 
 
+@chain_layout
 def run_custom(problem: CustomProblem, config: SamplerConfig, *, key, method: str = "nuts",
                progress_bar: bool = True, num_laplace_draws: int = 2000, num_starts: int = 8,
                checkpoint=None, svi: SVISettings = SVISettings()) -> CustomFit:

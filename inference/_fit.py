@@ -17,7 +17,7 @@ from models import PARAM_SPECS, SolverConfig, ZincFluxRapidEquilibrium
 from ._approx import Approximation, SVISettings, approximate
 from ._laplace import LaplaceInit, laplace_init
 from ._model import ImagingProblem, ParameterPlan, empirical_refs, imaging_model
-from ._sampling import Checkpointing, sample_nuts
+from ._sampling import Checkpointing, chain_layout, sample_nuts
 
 
 class SamplerConfig(eqx.Module):
@@ -29,8 +29,11 @@ class SamplerConfig(eqx.Module):
     num_chains : number of chains (>= 2 for R-hat).
     target_accept_prob : NUTS target acceptance probability.
     max_tree_depth : bound on the NUTS tree depth (2**depth - 1 gradient evaluations).
-    chain_method : ``"sequential"`` or ``"vectorized"`` (numpyro's ``"parallel"`` fails with
-        diffrax on current versions).
+    chain_method : ``"sequential"`` (one chain after another), ``"vectorized"`` (all chains in one
+        ``vmap``-ed program) or ``"sharded"`` (chains split over the devices, one block per device,
+        each device's chains one after another; rows of batched solves are then not split;
+        :func:`inference._sampling.chain_devices`). numpyro's ``"parallel"`` fails with diffrax on
+        current versions.
     adapt_mass_matrix : whether warmup re-estimates the (dense) metric; by default the Laplace
         metric from the MAP is kept and only the step size is adapted.
     """
@@ -52,8 +55,8 @@ class SamplerConfig(eqx.Module):
             raise ValueError(f"target_accept_prob must be in (0, 1), got {self.target_accept_prob}.")
         if not (1 <= self.max_tree_depth <= 12):
             raise ValueError(f"max_tree_depth must be in 1..12, got {self.max_tree_depth}.")
-        if self.chain_method not in ("sequential", "vectorized"):
-            raise ValueError(f"chain_method must be 'sequential' or 'vectorized', got {self.chain_method!r}.")
+        if self.chain_method not in ("sequential", "vectorized", "sharded"):
+            raise ValueError(f"chain_method must be 'sequential', 'vectorized' or 'sharded', got {self.chain_method!r}.")
 
 
 def build_problem(dataset: ImagingDataset, solver: SolverConfig = SolverConfig()) -> ImagingProblem:
@@ -109,6 +112,7 @@ def find_map(model, model_args, *, key, num_starts: int = 1, **kwargs) -> Laplac
     return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=num_starts > 1, **kwargs)
 
 
+@chain_layout
 def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig, *, key,
              cell_id, progress_bar: bool = True, checkpoint: Checkpointing | None = None, method: str = "nuts",
              map_starts: int = 1, approx_draws: int = 2000, svi: SVISettings = SVISettings()) -> FitResult:

@@ -15,6 +15,8 @@ points (no warmup is repeated).
 """
 
 import dataclasses
+import functools
+import inspect
 import operator
 import os
 import pickle
@@ -25,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import MCMC
+
+from models import using_row_devices
 
 
 CHECKPOINT_NAME = "checkpoint.pkl"
@@ -121,6 +125,7 @@ def _chunk_program(kernel, sampler, model_args, extra_fields):
     """
     postprocess = kernel.postprocess_fn(model_args, {})
     getters = {name: operator.attrgetter(name) for name in extra_fields}
+    devices = chain_devices(sampler)
     # vectorized chains: kernel.init batched kernel.sample over chains, so the scan carries all chains
     batched = sampler.num_chains > 1 and sampler.chain_method == "vectorized"
     post = jax.vmap(postprocess) if batched else postprocess
@@ -143,7 +148,124 @@ def _chunk_program(kernel, sampler, model_args, extra_fields):
             return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
         return jax.lax.map(lambda st: chains_scan(st, n), state)
 
-    return jax.jit(chunk, static_argnums=1)
+    if devices is None:
+        return jax.jit(chunk, static_argnums=1)
+    return _per_device(chains_scan, devices, sampler.num_chains)
+
+
+def chain_devices(sampler) -> list | None:
+    """The devices of ``chain_method = "sharded"`` (None for the other methods or one chain).
+
+    All devices of the job (every process's under ``jax.distributed``), as many as divide
+    ``num_chains`` evenly: 4 chains use 4 of 8 devices, 6 chains 3 of 4. Chain ``c`` runs on
+    device ``c // (num_chains // len(devices))``.
+    """
+    if sampler.chain_method != "sharded" or sampler.num_chains == 1:
+        return None
+    devices = jax.devices()
+    used = max(k for k in range(1, len(devices) + 1) if sampler.num_chains % k == 0)
+    return devices[:used]
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _stack(trees):
+    """Stack per-chain pytrees (device arrays, typed PRNG keys) along a new leading chain axis, on the host."""
+
+    def leaf(*xs):
+        if _is_key(xs[0]):
+            return jax.random.wrap_key_data(np.stack([np.asarray(jax.random.key_data(x)) for x in xs]),
+                                            impl=jax.random.key_impl(xs[0]))
+        return np.stack([np.asarray(x) for x in xs])
+
+    return jax.tree.map(leaf, *trees)
+
+
+def _per_device(one_chain, devices, num_chains):
+    """``run(state, n) -> (state, out)`` for sharded chains: ``one_chain(state, n)`` for every chain
+    (leading axis of ``state``; outputs stacked the same way), each device running its own block
+    of chains one after another, all devices at once (one host thread per device).
+
+    Every chain goes through the same single-chain program, whatever the number of devices, so
+    the draws are the same bit for bit on 1 or on N devices. (Neither ``jax.shard_map`` nor
+    ``pmap`` can hold the solves: diffrax's closure conversion fails inside them on the current
+    stack, diffrax issue 765; one program over a sharded chain axis would run the chains in
+    lock step, each NUTS tree as deep as the deepest chain's, and not bit-identically.) The
+    program is compiled once per device. With several processes (``jax.distributed``) each runs
+    the chains of its own devices and the results are gathered on every process.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jax.experimental import multihost_utils
+
+    program = jax.jit(one_chain, static_argnums=1)
+    per = num_chains // len(devices)
+    mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+    if mine != list(range(mine[0], mine[0] + len(mine))):
+        raise RuntimeError("sharded chains need each process's devices to be contiguous in jax.devices().")
+    chains = range(mine[0] * per, (mine[-1] + 1) * per)
+
+    def run_block(i, state, n):
+        device = devices[i]
+        outs = []
+        for c in range(i * per, (i + 1) * per):
+            st = jax.device_put(jax.tree.map(lambda x, c=c: x[c], state), device)
+            outs.append(jax.block_until_ready(program(st, n)))
+        return outs
+
+    def run(state, n):
+        with ThreadPoolExecutor(len(mine)) as pool:
+            blocks = list(pool.map(lambda i: run_block(i, state, n), mine))
+        local = _stack([out for block in blocks for out in block])
+        if jax.process_count() == 1:
+            return local
+        assert len(chains) * jax.process_count() == num_chains
+
+        def gather(x):
+            if _is_key(x):
+                return jax.random.wrap_key_data(np.asarray(gather(np.asarray(jax.random.key_data(x)))),
+                                                impl=jax.random.key_impl(x))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return jax.tree.map(gather, local)
+
+    return run
+
+
+def _sharded_warmup(kernel, sampler, key, model_args, init_params, devices):
+    """Warmup of ``chain_method = "sharded"``: each chain's ``kernel.init`` (one key per chain from
+    ``split(key, num_chains)``, as numpyro's sequential chains), then its ``num_warmup`` adapting
+    transitions, chains spread over ``devices`` (:func:`_per_device`). Returns the post-warmup
+    state, chains stacked.
+    """
+    keys = jax.random.split(key, sampler.num_chains)
+    states = [kernel.init(keys[c], sampler.num_warmup, jax.tree.map(lambda x, c=c: x[c], init_params), model_args, {})
+              for c in range(sampler.num_chains)]
+
+    def warm(st, n):
+        return jax.lax.fori_loop(0, n, lambda _, s: kernel.sample(s, model_args, {}), st)
+
+    return _per_device(warm, devices, sampler.num_chains)(_stack(states), sampler.num_warmup)
+
+
+def chain_layout(runner):
+    """Decorator of the fit functions (their sampler settings are the argument ``config``): with
+    ``chain_method = "sharded"`` the whole fit, MAP included, solves all rows of a chain on one
+    device (:func:`models.using_row_devices`), since the devices hold chains instead; every
+    program of the fit is then traced with one layout.
+    """
+    signature = inspect.signature(runner)
+
+    @functools.wraps(runner)
+    def run(*args, **kwargs):
+        if chain_devices(signature.bind(*args, **kwargs).arguments["config"]) is None:
+            return runner(*args, **kwargs)
+        with using_row_devices(jax.local_devices()[:1]):
+            return runner(*args, **kwargs)
+
+    return run
 
 
 def _position(state) -> dict:
@@ -234,7 +356,7 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
     chunk_size = sampler.num_samples if cp is None else max(1, min(cp.chunk_size, sampler.num_samples))
 
     def save(state, start, samples, extra, done):
-        if cp is not None:
+        if cp is not None and jax.process_index() == 0:  # one writer when the job spans processes
             _atomic_pickle({"format": 1, "fingerprint": cp.fingerprint, "meta": cp.meta, "state": _to_host(state),
                             "start": _to_host(start), "samples": samples, "extra": extra, "num_done": done,
                             "num_samples": sampler.num_samples}, Path(cp.path))
@@ -251,6 +373,14 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
         kernel.init(keys, sampler.num_warmup, starts, model_args, {})
         state, start = _from_host(ck["state"]), ck["start"]
         samples, extra = list(ck["samples"]), list(ck["extra"])
+    elif chain_devices(sampler) is not None:
+        devices = chain_devices(sampler)
+        if progress_bar:
+            print(f"warmup: {sampler.num_chains} chains on {len(devices)} device(s), "
+                  f"{sampler.num_warmup} iterations each", flush=True)
+        state, samples, extra = _sharded_warmup(kernel, sampler, key, model_args, init_params, devices), [], []
+        start = _to_host(_position(state))
+        save(state, start, samples, extra, 0)
     else:
         warm = MCMC(kernel, num_warmup=sampler.num_warmup, num_samples=chunk_size, num_chains=sampler.num_chains,
                     chain_method=sampler.chain_method, progress_bar=progress_bar)

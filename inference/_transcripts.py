@@ -50,7 +50,7 @@ from models import (
 
 from ._approx import SVISettings, approximate
 from ._fit import EXTRA_FIELDS, LAPLACE_STEP_SIZE, SamplerConfig, chain_starts, find_map, sample_stats
-from ._sampling import sample_nuts
+from ._sampling import chain_layout, sample_nuts
 
 
 TISSUE_PARAMS = ("mtf1_k_nM", "mtf1_hill", "zc_rest_nM", "absorption_km_mgkg", "uptake_gain")
@@ -444,6 +444,7 @@ class TranscriptFit:
     approximation: object = None
 
 
+@chain_layout
 def run_transcript_nuts(problem: TranscriptProblem, plan: TranscriptPlan, config: SamplerConfig, *, key,
                         progress_bar: bool = True, table=None, checkpoint=None, method: str = "nuts",
                         map_starts: int = 1, approx_draws: int = 2000, svi: SVISettings = SVISettings()) -> TranscriptFit:

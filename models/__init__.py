@@ -38,6 +38,7 @@ from ._custom import (
     row_devices as row_devices,
     set_row_devices as set_row_devices,
     time_conversion as time_conversion,
+    using_row_devices as using_row_devices,
 )
 from ._dynamics import (
     AbstractZincModel as AbstractZincModel,

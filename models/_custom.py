@@ -36,6 +36,7 @@ Example (Lotka-Volterra, time in years)::
     )
 """
 
+import contextlib
 import dataclasses
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -314,6 +315,18 @@ def set_row_devices(devices) -> None:
     """Split the rows of batched solves over ``devices`` (None: all local devices)."""
     global _ROW_DEVICES
     _ROW_DEVICES = None if devices is None else list(devices)
+
+
+@contextlib.contextmanager
+def using_row_devices(devices):
+    """:func:`set_row_devices` for the duration of a ``with`` block (solves traced inside it)."""
+    global _ROW_DEVICES
+    previous = _ROW_DEVICES
+    set_row_devices(devices)
+    try:
+        yield
+    finally:
+        _ROW_DEVICES = previous
 
 
 class ODEModel:

@@ -359,6 +359,7 @@ class _Run:
         record["provenance"]["resumed"] = self.resume
         write_json(record, self.out / "run.json")
         (self.out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        _leave_job()
         if self.secondary:
             import shutil
 
@@ -377,6 +378,23 @@ def _map_table(record: dict, table) -> None:
         print("MAP (the start point) against the posterior; z = (MAP - mean) / sd:")
         print(table.to_string(float_format="{:.4g}".format))
     record["map_vs_posterior"] = table.reset_index().to_dict(orient="records")
+
+
+def _leave_job() -> None:
+    """In a multi-process job: wait until every process has finished its fit (process 0 has
+    written the run directory), then leave the job together.
+
+    Once, in the 2-process test on a heavily loaded machine, jax.distributed's shutdown barrier
+    (run at exit) failed and took process 0 down after the fit; the cause was not found. The
+    processes now meet here first and shut down explicitly.
+    """
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("zinckin fit finished")
+        jax.distributed.shutdown()
 
 
 def _secondary_process(config) -> bool:
@@ -450,16 +468,23 @@ def _start_run(args) -> _Run:
         text = Path(args.config).read_text()
         config_file = str(Path(args.config).resolve())
     out = Path(args.out) if args.out else Path(config.output.dir)
-    if _secondary_process(config):
-        return _Run(config, base, text, config_file, _private_out(out, resume=False), False, list(args.argv), timer,
-                    secondary=True)
+    joined = _distributed(config.runtime)
+    # every process of a multi-process job checks the run directory (one view of a shared file
+    # system: all refuse or none), and none goes on before all have checked
     if (out / "posterior.nc").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a fit (posterior.nc); pass --overwrite or choose another --out.")
-    if (out / CHECKPOINT_NAME).exists():
-        if not args.overwrite:
-            raise UsageError(f"{out} holds an unfinished fit ({CHECKPOINT_NAME}); continue it with "
-                             f"`zinckin fit --resume {out}`, or pass --overwrite to start over.")
-        (out / CHECKPOINT_NAME).unlink()
+    if (out / CHECKPOINT_NAME).exists() and not args.overwrite:
+        raise UsageError(f"{out} holds an unfinished fit ({CHECKPOINT_NAME}); continue it with "
+                         f"`zinckin fit --resume {out}`, or pass --overwrite to start over.")
+    if joined:
+        import jax
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("zinckin fit checked its run directory")
+        if jax.process_index() != 0:
+            return _Run(config, base, text, config_file, _private_out(out, resume=False), False, list(args.argv),
+                        timer, secondary=True)
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return _Run(config, base, text, config_file, out, False, list(args.argv), timer)
 
 

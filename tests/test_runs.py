@@ -381,19 +381,22 @@ def test_sharded_chains_give_the_same_draws_on_one_device_four_devices_and_two_p
         res = subprocess.run(_zinckin("fit", str(cfg), "--out", str(tmp_path / f"devices{n}"), "--no-progress"),
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode in (0, EXIT_NOT_CONVERGED), res.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(_zinckin("fit", str(cfg), "--out", str(tmp_path / "processes"), "--no-progress"), cwd=ROOT,
-                              env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                                       ZINCKIN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", ZINCKIN_NUM_PROCESSES="2",
-                                       ZINCKIN_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode in (0, EXIT_NOT_CONVERGED), err[-3000:]
-    assert "process 1 of 2: 2 local device(s), 4 in all" in outs[1][0]
-    assert "process 1: done (process 0 writes the run directory)" in outs[1][0]
+    def job():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen(_zinckin("fit", str(cfg), "--out", str(tmp_path / "processes"), "--no-progress"),
+                                  cwd=ROOT, env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                                     ZINCKIN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                     ZINCKIN_NUM_PROCESSES="2", ZINCKIN_PROCESS_ID=str(i)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        return [(p.communicate(timeout=900), p.returncode) for p in procs]
+
+    outs = job()
+    for (out, err), code in outs:
+        assert code in (0, EXIT_NOT_CONVERGED), err[:3000] + "\n...\n" + err[-3000:]
+    assert "process 1 of 2: 2 local device(s), 4 in all" in outs[1][0][0]
+    assert "process 1: done (process 0 writes the run directory)" in outs[1][0][0]
     one, four, two_procs = (_posterior(tmp_path / d) for d in ("devices1", "devices4", "processes"))
     assert one["k"].shape == (4, 120)
     for k in one:
@@ -404,6 +407,9 @@ def test_sharded_chains_give_the_same_draws_on_one_device_four_devices_and_two_p
     assert len(devices["devices1"]["devices"]) == 1 and len(devices["devices4"]["devices"]) == 4
     assert devices["processes"]["process_count"] == 2 and len(devices["processes"]["devices"]) == 4
     assert not (tmp_path / "processes" / "checkpoint.pkl").exists()
+    # the same job again: every process refuses the finished run directory, with the same message
+    for (out, err), code in job():
+        assert code == 2 and "already holds a fit (posterior.nc); pass --overwrite" in err and "Traceback" not in err
 
 
 def test_a_malformed_multi_process_setting_is_a_clear_error_before_any_work(tmp_path, capsys, monkeypatch):

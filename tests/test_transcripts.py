@@ -266,8 +266,8 @@ def test_mtf1_fit_recovers_bioavailability_and_fold_changes(tmp_path):
     _covers_bioavailability_and_fold_changes(post, f_gly, true_fc)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["map", "svi"])
+@pytest.mark.long  # ~2.5 min for both; out of CI for its time budget (map/svi are covered there by
+@pytest.mark.parametrize("method", ["map", "svi"])  # test_approx.py and the CLI fits in test_custom_model.py)
 def test_mtf1_approximations_recover_bioavailability_and_fold_changes(tmp_path, method):
     """The same simulated table fitted by ``method="map"`` (Laplace) and ``"svi"``: the same
     coverage checks as the NUTS fit, no draw with a failed solve."""

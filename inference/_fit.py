@@ -106,8 +106,9 @@ class FitResult:
 def find_map(model, model_args, *, key, num_starts: int = 1, **kwargs) -> LaplaceInit:
     """MAP and Laplace covariance (:func:`inference._laplace.laplace_init`) from ``num_starts`` starts.
 
-    One start runs as a single compiled program; several run the host-driven, vmapped multi-start
-    L-BFGS (the prior medians plus ``num_starts - 1`` prior draws; the lowest potential wins).
+    One start runs as a single compiled program; several run the host-driven multi-start L-BFGS
+    (the prior medians plus ``num_starts - 1`` prior draws, each explored briefly, the lowest
+    refined).
     """
     return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=num_starts > 1, **kwargs)
 

@@ -156,15 +156,22 @@ def _chunk_program(kernel, sampler, model_args, extra_fields):
 def chain_devices(sampler) -> list | None:
     """The devices of ``chain_method = "sharded"`` (None for the other methods or one chain).
 
-    All devices of the job (every process's under ``jax.distributed``), as many as divide
-    ``num_chains`` evenly: 4 chains use 4 of 8 devices, 6 chains 3 of 4. Chain ``c`` runs on
-    device ``c // (num_chains // len(devices))``.
+    The devices of the job (every process's under ``jax.distributed``), the same number ``k`` from
+    each process, ``k * process_count`` dividing ``num_chains``, ``k`` as large as that allows:
+    4 chains use 4 of 8 devices, 6 chains 3 of 4. Chain ``c`` runs on device
+    ``c // (num_chains // len(devices))``. Raises ``ValueError`` when ``num_chains`` is not a
+    multiple of the number of processes.
     """
     if sampler.chain_method != "sharded" or sampler.num_chains == 1:
         return None
-    devices = jax.devices()
-    used = max(k for k in range(1, len(devices) + 1) if sampler.num_chains % k == 0)
-    return devices[:used]
+    procs = jax.process_count()
+    if sampler.num_chains % procs:
+        raise ValueError(f"chain_method = 'sharded' over {procs} processes needs num_chains to be a multiple of "
+                         f"{procs}, got {sampler.num_chains}. Fix: set [sampler] num_chains accordingly.")
+    by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(procs)]
+    local = min(len(ds) for ds in by_process)
+    k = max(k for k in range(1, local + 1) if sampler.num_chains % (k * procs) == 0)
+    return [d for ds in by_process for d in ds[:k]]
 
 
 def _is_key(x) -> bool:
@@ -203,9 +210,7 @@ def _per_device(one_chain, devices, num_chains):
     program = jax.jit(one_chain, static_argnums=1)
     per = num_chains // len(devices)
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
-    if mine != list(range(mine[0], mine[0] + len(mine))):
-        raise RuntimeError("sharded chains need each process's devices to be contiguous in jax.devices().")
-    chains = range(mine[0] * per, (mine[-1] + 1) * per)
+    # chain_devices takes the same number from every process, in process order: blocks are contiguous
 
     def run_block(i, state, n):
         device = devices[i]
@@ -221,7 +226,6 @@ def _per_device(one_chain, devices, num_chains):
         local = _stack([out for block in blocks for out in block])
         if jax.process_count() == 1:
             return local
-        assert len(chains) * jax.process_count() == num_chains
 
         def gather(x):
             if _is_key(x):

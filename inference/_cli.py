@@ -771,6 +771,115 @@ def _simulate_custom(args) -> int:
     return 0
 
 
+def _run_dir(path) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "posterior.nc").exists() or not (run_dir / "run.json").exists():
+        raise UsageError(f"{run_dir}: no finished fit there (needs posterior.nc and run.json). Fix: give the run "
+                         "directory a `zinckin fit` wrote.")
+    return run_dir
+
+
+def cmd_report(args) -> int:
+    _enable_x64()
+    from ._report import build_report
+
+    run_dir = _run_dir(args.run_dir)
+    print(f"building the report of {run_dir}", flush=True)
+    report = build_report(run_dir, out=Path(args.out) if args.out else None, max_pages=args.pages)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"{len(report.figures)} figures, {report.seconds:.0f} s: {report.html}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    _enable_x64()
+    import jax
+    import xarray as xr
+
+    from ._output import atomic_write
+    from ._report import plot_profiles
+    from ._review import profile_likelihoods
+    from ._target import target_from_run
+
+    run_dir = _run_dir(args.run_dir)
+    target = target_from_run(run_dir)
+    tree = xr.open_datatree(run_dir / "posterior.nc", engine="h5netcdf")
+    print(f"profiling {', '.join(args.param) if args.param else 'the population parameters'} of {run_dir} "
+          f"({args.points} grid points each)", flush=True)
+    prof = profile_likelihoods(target, tree, names=args.param or None, num_points=args.points,
+                               key=jax.random.key(args.seed), max_iter=args.max_iter)
+    atomic_write(run_dir / "profiles.csv", lambda tmp: prof.curves.to_csv(tmp, index=False))
+    atomic_write(run_dir / "identifiability.csv", lambda tmp: prof.table.to_csv(tmp))
+    plot_profiles(prof.curves, prof.table, run_dir / "profiles.png")
+    print(prof.table.to_string(float_format="{:.4g}".format))
+    flat = [n for n in prof.table.index if prof.table.loc[n, "verdict"] != "identified"]
+    print("not identified by the data: " + (", ".join(flat) if flat else "none"))
+    print(f"results in {run_dir}/ (profiles.csv, identifiability.csv, profiles.png)")
+    return 0
+
+
+def cmd_ppc(args) -> int:
+    _enable_x64()
+    import jax
+    import numpy as np
+    import pandas as pd
+
+    from ._config import load_config
+    from ._output import atomic_write, plot_dose_response
+    from ._report import plot_panel_page, predictive_panels
+    from ._review import prior_predictive
+    from ._target import target_from_config
+
+    if not args.prior:
+        raise UsageError("zinckin ppc checks the priors before a fit: pass --prior CONFIG (posterior predictive "
+                         "checks are in the run directory and in `zinckin report RUN_DIR`).")
+    config, base = load_config(args.config)
+    target = target_from_config(config, base)
+    out = Path(args.out) if args.out else Path(config.output.dir) / "prior_check"
+    print(f"drawing {args.draws} parameter sets from the priors of {args.config} and simulating its data", flush=True)
+    check = prior_predictive(target, args.draws, key=jax.random.key(args.seed))
+    print(f"{check.num_draws - check.failed} of {check.num_draws} prior draws solved"
+          + (f"; {check.failed} failed (left out)" if check.failed else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    panels = predictive_panels(check.tree)
+    written = []
+    if panels:
+        cover = np.array([p.coverage for p in panels])
+        print(f"observations inside the 90% prior predictive band: {100 * np.nanmean(cover):.0f}% on average "
+              f"(lowest panel {100 * np.nanmin(cover):.0f}%)")
+        panels.sort(key=lambda p: p.coverage)  # the data the priors reach least first
+        path = out / "prior_predictive.png"
+        plot_panel_page(panels[:20], path, title="Prior predictive check: observed data and the 90% band of data "
+                        "simulated from the priors (least covered first)")
+        written.append(path)
+    else:
+        path = out / "prior_predictive.png"
+        plot_dose_response(check.tree, path, title="Prior predictive check: observed fold changes and the priors")
+        written.append(path)
+        tree = check.tree
+        site = next(iter(tree["log_likelihood"].data_vars))
+        obs = np.asarray(tree["observed_data"][site], dtype=float)
+        draws = np.asarray(tree["posterior_predictive"][site]).reshape((-1,) + obs.shape)
+        lo, hi = np.quantile(draws, [0.05, 0.95], axis=0)
+        print(f"observations inside the 90% prior predictive interval: {100 * np.mean((obs >= lo) & (obs <= hi)):.0f}%")
+    summary = pd.DataFrame([{"draws": check.num_draws, "failed": check.failed}])
+    atomic_write(out / "prior_check.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    print(f"results in {out}/ ({', '.join(p.name for p in written)})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ._compare import compare_runs
+
+    if len(args.run_dirs) < 2:
+        raise UsageError("zinckin compare needs at least two run directories.")
+    table = compare_runs([_run_dir(d) for d in args.run_dirs], Path(args.out))
+    print(table.to_string(float_format="{:.4g}".format))
+    print(f"best by PSIS-LOO: {table.index[0]}; results in {args.out}/ (compare.csv, compare.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zinckin", description="Bayesian inference for cellular zinc kinetics.")
     p.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
@@ -805,6 +914,33 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--from-run", metavar="RUN_DIR", help="refit exactly the config and inputs of a finished run (with --out)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fit)
+
+    r = sub.add_parser("report", help="write an HTML report of a finished run (diagnostics, posteriors, predictive checks)")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="folder for report.html and its figures (default: RUN_DIR/report)")
+    r.add_argument("--pages", type=int, default=3, help="pages of predictive overlays to draw, worst fits first")
+    r.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("profile", help="profile likelihoods of a finished run's population parameters")
+    pr.add_argument("run_dir")
+    pr.add_argument("--param", action="append", metavar="NAME", help="profile only this parameter; repeat for several")
+    pr.add_argument("--points", type=int, default=15, help="grid points per parameter")
+    pr.add_argument("--max-iter", type=int, default=300, help="L-BFGS iterations per grid point")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=cmd_profile)
+
+    q = sub.add_parser("ppc", help="prior predictive check of a config: simulate its data from the priors")
+    q.add_argument("config")
+    q.add_argument("--prior", action="store_true", help="draw from the priors (required)")
+    q.add_argument("--draws", type=int, default=200)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="output folder (default: OUTPUT_DIR/prior_check of the config)")
+    q.set_defaults(func=cmd_ppc)
+
+    cp = sub.add_parser("compare", help="compare runs fit to the same data by PSIS-LOO")
+    cp.add_argument("run_dirs", nargs="+")
+    cp.add_argument("--out", required=True, help="folder for compare.csv and compare.png")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

@@ -157,7 +157,8 @@ def write_json(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-def plot_dose_response(tree: xr.DataTree, path: Path, *, livak: pd.DataFrame | None = None) -> None:
+def plot_dose_response(tree: xr.DataTree, path: Path, *, livak: pd.DataFrame | None = None,
+                       title: str = "Dose response: observed fold changes and the posterior") -> None:
     """One panel per (gene, tissue): observed fold changes against dose with the posterior.
 
     Fold-change fits: observed points, the 90% posterior predictive interval of each observation
@@ -232,7 +233,7 @@ def plot_dose_response(tree: xr.DataTree, path: Path, *, livak: pd.DataFrame | N
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
     fig.legend(list(legend.values()), list(legend),  fontsize=6, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("Dose response: observed fold changes and the posterior", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save_fig(fig, path)
 

@@ -1,9 +1,13 @@
 """Log-density gradients, determinism, solver-failure handling and the CLI on the example."""
 
 import json
+import re
+import shutil
+import subprocess
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from jax.flatten_util import ravel_pytree
@@ -76,9 +80,16 @@ def test_same_seed_same_draws_and_tree_groups(small_problem):
     assert list(tree["observed_data"]["cell"].values) == ["cell001", "cell002", "cell003"]
 
 
-def test_fit_example_config_writes_run_directory(tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """The bundled example fitted from its config (``zinckin fit data/example/fit.toml``)."""
+    out = tmp_path_factory.mktemp("example") / "run"
     assert main(["fit", str(EXAMPLE_DIR / "fit.toml"), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_fit_example_config_writes_run_directory(example_run, capsys):
+    out = example_run
     for name in ("posterior.nc", "summary.csv", "run.json", "rank.png", "trace.png", "ppc_traces.png"):
         assert (out / name).stat().st_size > 0, name
     tree = xr.open_datatree(out / "posterior.nc", engine="h5netcdf")
@@ -93,6 +104,56 @@ def test_fit_example_config_writes_run_directory(tmp_path, capsys):
     assert main(["fit", str(EXAMPLE_DIR / "fit.toml"), "--out", str(out), "--no-progress"]) == 2
     assert "already holds a fit" in capsys.readouterr().err
     assert not list(out.glob(".*.tmp*"))
+
+
+REPORT_FIGURES = ("trace.png", "rank.png", "prior_posterior.png", "pair.png", "forest.png", "ppc_page1.png",
+                  "loo_pit.png")
+
+
+def test_report_of_the_example_run(example_run, capsys):
+    """`zinckin report` on the example: every figure written and embedded, cells ordered worst first."""
+    assert main(["report", str(example_run)]) == 0
+    report = example_run / "report"
+    page = (report / "report.html").read_text()
+    for name in REPORT_FIGURES:
+        assert (report / name).stat().st_size > 5000, name
+        assert page.count(f'data-file="{name}"') == 1, name
+    assert page.count("<img ") == len(REPORT_FIGURES)
+    assert "Gate verdict: converged" in page
+    scores = pd.read_csv(report / "fit_scores.csv")
+    assert len(scores) == 12 and scores["score"].is_monotonic_decreasing
+    assert sorted(scores["panel"]) == [f"cell{i:03d}" for i in range(1, 13)]
+    # the example is simulated from the model: calibrated, most observations inside their 90% band
+    assert scores["coverage_90"].mean() > 0.8
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (Debian package chromium)")
+def test_example_report_renders_in_headless_chromium(example_run, tmp_path):
+    """The report opens in a real browser with every image decoded (the page's own image check)."""
+    if not (example_run / "report" / "report.html").exists():
+        assert main(["report", str(example_run)]) == 0
+    url = (example_run / "report" / "report.html").resolve().as_uri()
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*common, "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    check = re.search(r'id="image-check" data-loaded="(\d+)" data-total="(\d+)"', dom)
+    assert check is not None, dom[-2000:]
+    assert int(check.group(2)) == len(REPORT_FIGURES) and check.group(1) == check.group(2)
+    shot = tmp_path / "report.png"
+    subprocess.run([*common, "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+def test_prior_predictive_check_of_the_example_config(tmp_path, capsys):
+    assert main(["ppc", str(EXAMPLE_DIR / "fit.toml"), "--prior", "--draws", "40", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "40 of 40 prior draws solved" in out
+    cover = float(re.search(r"inside the 90% prior predictive band: (\d+)% on average", out).group(1))
+    assert cover > 50  # the example's priors reach its data
+    assert (tmp_path / "prior_predictive.png").stat().st_size > 10_000
+    assert main(["ppc", str(EXAMPLE_DIR / "fit.toml"), "--out", str(tmp_path)]) == 2  # --prior is required
+    assert "pass --prior CONFIG" in capsys.readouterr().err
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):

@@ -1,0 +1,346 @@
+r"""Posterior review: prior draws, prior predictive checks, pointwise data for LOO, profile likelihoods.
+
+Profile likelihoods. For a population parameter $\theta_p$ the profile is
+
+$$ \mathrm{PL}(\theta_p) = \max_{\psi} \; \ell(\theta_p, \psi), \qquad
+   \ell = \log p(y \mid \theta, u) + \log p(u \mid \theta) + \log p(\tau) + \log|J_{u,\tau}| $$
+
+where $y$ are the data, $u$ the per-cell / per-unit values and observation parameters (their
+population distributions and priors stay in), $\tau$ the hierarchical spreads (``*_sd``,
+``*_sd_log``; their priors stay in, since without them the joint mode runs off to zero spread),
+and $\psi$ everything but $\theta_p$. The priors of the profiled population parameters are left
+out, so a flat profile means the *data* do not determine the parameter. The maximisation runs in
+numpyro's unconstrained coordinates (the MAP's), with $\theta_p$ fixed at each grid value, all
+grid values at once (``vmap``) with optax's L-BFGS. The grid spans, in the unconstrained
+coordinate, the 1-99% range of the prior and the 0.5-99.5% range of the posterior.
+
+A parameter is *identified* when the profile drops by more than $\chi^2_{1,0.95}/2 = 1.92$ below
+its maximum on both sides within the grid (the 95% profile-likelihood interval is then finite);
+*flat* when it drops by less on both sides (Raue et al. 2009, "Structural and practical
+identifiability analysis of partially observed dynamical models by exploiting the profile
+likelihood", Bioinformatics 25:1923); one-sided otherwise.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+import pandas as pd
+import xarray as xr
+from arviz_base import from_dict
+from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.distributions import biject_to
+from numpyro.infer import Predictive
+from numpyro.infer.util import constrain_fn, log_density, unconstrain_fn
+
+from ._target import Target, flat_draws
+
+
+# chi^2_1 95% quantile / 2: the drop of the log profile likelihood that bounds a 95% interval
+PROFILE_THRESHOLD = 0.5 * 3.841458820694124
+
+
+class _Collected(Exception):
+    """Raised by :class:`_StopWhenSeen` once every wanted site has a value."""
+
+
+class _StopWhenSeen(numpyro.primitives.Messenger):
+    """Record the values of the named sites and stop the model as soon as all are known, before
+    it reaches its ODE solves.
+    """
+
+    def __init__(self, fn, names):
+        self.names = set(names)
+        self.seen = {}
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["name"] in self.names and msg["type"] in ("sample", "deterministic"):
+            self.seen[msg["name"]] = msg["value"]
+            if len(self.seen) == len(self.names):
+                raise _Collected
+
+
+def prior_draws(target: Target, num: int, *, key, names=None) -> dict:
+    """``num`` prior draws of the named variables (default: the population variables).
+
+    Only the part of the model up to the last of these variables runs, so no ODE is solved when
+    they are all sampled before the solve (as in every zinckin model).
+    """
+    names = list(target.names if names is None else names)
+
+    def one(k):
+        stop = _StopWhenSeen(target.model, names)
+        try:
+            with handlers.seed(rng_seed=k):
+                stop(*target.args)
+        except _Collected:
+            pass
+        return dict(stop.seen)
+
+    draws = jax.jit(jax.vmap(one))(jax.random.split(key, num))
+    return {k: np.asarray(v) for k, v in draws.items()}
+
+
+@dataclasses.dataclass
+class PriorCheck:
+    """A prior predictive check: the DataTree (prior draws in ``posterior``, their simulated data
+    in ``posterior_predictive``), the number of draws made and of draws whose solve failed.
+    """
+
+    tree: xr.DataTree
+    num_draws: int
+    failed: int
+
+
+def prior_predictive(target: Target, num: int, *, key) -> PriorCheck:
+    """Draw parameters from the priors, solve the model and simulate data (draws whose solve
+    fails are counted and left out).
+    """
+    k_prior, k_obs = jax.random.split(key)
+    samples = Predictive(target.model, num_samples=num)(k_prior, *target.args)
+    # factor sites (``numpyro.factor``) come back as empty arrays
+    samples = {k: np.asarray(v) for k, v in samples.items() if k not in target.obs_sites and np.size(v) > 0}
+    failures = samples.get("solver_failures", np.zeros(num, dtype=int))
+    latent_finite = np.all([np.isfinite(v.reshape(num, -1)).all(1) for v in samples.values()], axis=0)
+    keep = (np.asarray(failures).reshape(num) == 0) & latent_finite
+    if not keep.any():
+        raise RuntimeError(f"every one of the {num} prior draws failed to solve; the priors put the model where it cannot "
+                           "be integrated. Fix: narrow the priors (or raise [solver] max_steps) and check again.")
+    samples = {k: v[keep][None] for k, v in samples.items()}
+    tree = target.build_tree(samples, k_obs)
+    return PriorCheck(tree=tree, num_draws=num, failed=int((~keep).sum()))
+
+
+def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int | None = None,
+              seed: int = 0) -> xr.DataTree:
+    """All observations of a fit as one variable ``y`` (dim ``obs``): ``observed_data``,
+    ``log_likelihood``, ``posterior_predictive`` and the posterior's scalar variables, with
+    missing (masked) observations left out. Several observation sites (data sets, observables)
+    are concatenated in the order of ``log_likelihood`` (coordinate ``site`` of ``obs``).
+    ``max_draws`` thins every chain evenly to about ``max_draws`` draws in all (before loading);
+    ``max_obs`` keeps a random subset of that many observations (in their order), attribute
+    ``num_observations`` of the result holds the total.
+    """
+    sites = list(tree["log_likelihood"].data_vars)
+    chains, draws = tree["log_likelihood"].sizes["chain"], tree["log_likelihood"].sizes["draw"]
+    step = 1 if max_draws is None else max(1, int(np.ceil(chains * draws / max_draws)))
+    keep_draws = slice(None, None, step)
+
+    def values(group, site):
+        a = tree[group][site].isel(draw=keep_draws)
+        return np.asarray(a).reshape(a.shape[:2] + (-1,))
+
+    obs, ll, pp, labels = [], [], [], []
+    for site in sites:
+        o = np.asarray(tree["observed_data"][site], dtype=float).ravel()
+        keep = np.isfinite(o)
+        obs.append(o[keep])
+        ll.append(values("log_likelihood", site)[..., keep])
+        pp.append(values("posterior_predictive", site)[..., keep])
+        labels += [site] * int(keep.sum())
+    post = {n: np.asarray(v.isel(draw=keep_draws)) for n, v in tree["posterior"].data_vars.items()
+            if v.dims == ("chain", "draw")}
+    groups = {
+        "posterior": post,
+        "log_likelihood": {"y": np.concatenate(ll, axis=-1)},
+        "posterior_predictive": {"y": np.concatenate(pp, axis=-1)},
+        "observed_data": {"y": np.concatenate(obs)},
+    }
+    labels = np.asarray(labels)
+    total = labels.size
+    if max_obs is not None and total > max_obs:
+        pick = np.sort(np.random.default_rng(seed).choice(total, size=max_obs, replace=False))
+        groups = {"posterior": post, "log_likelihood": {"y": groups["log_likelihood"]["y"][..., pick]},
+                  "posterior_predictive": {"y": groups["posterior_predictive"]["y"][..., pick]},
+                  "observed_data": {"y": groups["observed_data"]["y"][pick]}}
+        labels = labels[pick]
+    out = from_dict(groups, dims={"y": ["obs"]}, coords={"obs": np.arange(len(labels))})
+    out["observed_data"] = out["observed_data"].to_dataset().assign_coords(site=("obs", labels))
+    out.attrs["num_observations"] = total
+    return out
+
+
+# ----------------------------------------------------------------------------- profile likelihood
+
+
+def _latent_sites(target: Target) -> dict:
+    """The model's latent sample sites (name -> trace site), from one traced run."""
+    tr = handlers.trace(handlers.seed(target.model, 0)).get_trace(*target.args)
+    return {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
+
+
+def profile_names(target: Target, latent: dict) -> list[str]:
+    """Population parameters that can be profiled: scalar latent sample sites among the
+    population variables, without the hierarchical spreads.
+    """
+    return [n for n in target.names if n in latent and jnp.shape(latent[n]["value"]) == ()
+            and not (n.endswith("_sd") or n.endswith("_sd_log"))]
+
+
+def _objective(target: Target, profiled: list[str]):
+    """The negative of the profile objective (module docstring) as a function of the unconstrained sites."""
+    model, args = target.model, target.args
+
+    def neg_ell(u: dict):
+        params = constrain_fn(model, args, {}, u)
+        lp, tr = log_density(model, args, {}, params)
+        for name, site in tr.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            if name in profiled:
+                lp = lp - jnp.sum(site["fn"].log_prob(site["value"]))
+            else:
+                lp = lp + jnp.sum(biject_to(site["fn"].support).log_abs_det_jacobian(u[name], site["value"]))
+        return -lp
+
+    return neg_ell
+
+
+def _minimize(f, x0, *, max_iter: int, tol: float):
+    """L-BFGS (optax) from ``x0`` until the gradient norm is below ``tol`` or ``max_iter``."""
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(f)
+
+    def body(carry):
+        x, state, i, _ = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=f)
+        return optax.apply_updates(x, updates), state, i + 1, optax.tree.norm(grad)
+
+    def cond(carry):
+        return (carry[2] < max_iter) & (carry[3] > tol)
+
+    x, _, iters, gnorm = jax.lax.while_loop(cond, body, (x0, opt.init(x0), 0, jnp.asarray(jnp.inf, x0.dtype)))
+    return x, f(x), iters, gnorm
+
+
+@dataclasses.dataclass
+class Profiles:
+    """Profile likelihoods of a fit.
+
+    ``curves``: one row per (parameter, grid value): ``value`` (constrained units), ``delta``
+    (log profile likelihood below the overall maximum; NaN where the optimisation failed),
+    ``iterations``, ``converged``. ``table``: one row per parameter: the maximising value, the 95%
+    profile interval (NaN where the profile does not fall below the threshold on that side within
+    the grid) and ``verdict`` ("identified", "flat", "flat below", "flat above").
+    """
+
+    curves: pd.DataFrame
+    table: pd.DataFrame
+
+
+def profile_likelihoods(target: Target, tree: xr.DataTree, *, names=None, num_points: int = 15, key,
+                        max_iter: int = 300, tol: float = 1e-5, num_prior_draws: int = 2000) -> Profiles:
+    """Profile likelihoods of the population parameters of a finished fit (module docstring).
+
+    The optimisations start from the posterior draw of highest log density; ``names`` defaults
+    to :func:`profile_names`.
+    """
+    latent = _latent_sites(target)
+    names = profile_names(target, latent) if names is None else list(names)
+    unknown = [n for n in names if n not in profile_names(target, latent)]
+    if unknown:
+        raise ValueError(f"cannot profile {unknown}: profiles exist for the scalar population parameters "
+                         f"{profile_names(target, latent)}.")
+    post = tree["posterior"]
+    missing = [n for n in latent if n not in post]
+    if missing:
+        raise ValueError(f"the run's posterior lacks the latent sites {missing}; it cannot start the profiles.")
+    if "lp" in tree.get("sample_stats", xr.Dataset()):
+        best = int(np.nanargmax(np.asarray(tree["sample_stats"]["lp"]).ravel()))
+    else:
+        best = 0
+    start = {n: jnp.asarray(np.asarray(post[n]).reshape((-1,) + post[n].shape[2:])[best]) for n in latent}
+    u0 = unconstrain_fn(target.model, target.args, {}, start)
+    flat0, unravel = ravel_pytree(u0)
+    neg_ell = _objective(target, names)
+    f = jax.jit(lambda x: neg_ell(unravel(x)))
+
+    x_opt, f_opt, _, _ = jax.jit(lambda x: _minimize(f, x, max_iter=max_iter, tol=tol))(flat0)
+    if not np.isfinite(float(f_opt)):
+        raise RuntimeError("the profile optimisation could not evaluate the likelihood at the fit's best draw "
+                           "(failed solve); no profiles computed.")
+
+    offsets, pos = {}, 0
+    for n in sorted(u0):  # ravel_pytree lays a dict out in sorted-key order
+        offsets[n] = pos
+        pos += int(np.size(u0[n]))
+    prior = prior_draws(target, num_prior_draws, key=key, names=names)
+    post_flat = flat_draws(post, names)
+
+    def grid_for(n):
+        to_u = biject_to(latent[n]["fn"].support).inv
+        pr = np.asarray(to_u(jnp.asarray(prior[n])))
+        po = np.asarray(to_u(jnp.asarray(post_flat[n])))
+        lo = min(np.nanquantile(pr, 0.01), np.nanquantile(po, 0.005))
+        hi = max(np.nanquantile(pr, 0.99), np.nanquantile(po, 0.995))
+        return np.linspace(lo, hi, num_points)
+
+    @jax.jit
+    def profile_one(i, grid):
+        def at(v):
+            g = lambda x: f(x.at[i].set(v))  # noqa: E731  (the fixed coordinate gets zero gradient)
+            return _minimize(g, x_opt.at[i].set(v), max_iter=max_iter, tol=tol)
+
+        return jax.vmap(at)(grid)
+
+    rows = []
+    for n in names:
+        i = offsets[n]
+        grid = grid_for(n)
+        _, values, iters, gnorm = profile_one(i, jnp.asarray(grid))
+        to_c = biject_to(latent[n]["fn"].support)
+        for u, val, it, gn in zip(grid, np.asarray(values), np.asarray(iters), np.asarray(gnorm)):
+            rows.append({"parameter": n, "u": float(u), "value": float(to_c(jnp.asarray(u))), "neg_ell": float(val),
+                         "iterations": int(it), "converged": bool(gn <= tol)})
+        rows.append({"parameter": n, "u": float(x_opt[i]), "value": float(to_c(x_opt[i])), "neg_ell": float(f_opt),
+                     "iterations": 0, "converged": True})
+    curves = pd.DataFrame(rows)
+    curves.loc[~np.isfinite(curves["neg_ell"]), "neg_ell"] = np.nan
+    best_all = min(float(f_opt), float(np.nanmin(curves["neg_ell"])))
+    curves["delta"] = curves["neg_ell"] - best_all
+    curves = curves.sort_values(["parameter", "u"], kind="stable").reset_index(drop=True)
+    return Profiles(curves=curves, table=_verdicts(curves, names))
+
+
+def _crossing(u, d, side: str):
+    """The unconstrained value where the profile first rises above the threshold on ``side`` of
+    its minimum (linear interpolation), or NaN.
+    """
+    k = int(np.nanargmin(d))
+    rng = range(k - 1, -1, -1) if side == "lower" else range(k + 1, len(d))
+    prev = k
+    for j in rng:
+        if np.isfinite(d[j]) and d[j] > PROFILE_THRESHOLD:
+            w = (PROFILE_THRESHOLD - d[prev]) / (d[j] - d[prev])
+            return u[prev] + w * (u[j] - u[prev])
+        if np.isfinite(d[j]):
+            prev = j
+    return np.nan
+
+
+def _verdicts(curves: pd.DataFrame, names) -> pd.DataFrame:
+    rows = []
+    for n in names:
+        c = curves[curves["parameter"] == n]
+        u, d, v = c["u"].to_numpy(), c["delta"].to_numpy(), c["value"].to_numpy()
+        k = int(np.nanargmin(d))
+        lo_u, hi_u = _crossing(u, d, "lower"), _crossing(u, d, "upper")
+        lo = np.interp(lo_u, u, v) if np.isfinite(lo_u) else np.nan
+        hi = np.interp(hi_u, u, v) if np.isfinite(hi_u) else np.nan
+        if np.isfinite(lo) and np.isfinite(hi):
+            verdict = "identified"
+        elif np.isnan(lo) and np.isnan(hi):
+            verdict = "flat"
+        else:
+            verdict = "flat below" if np.isnan(lo) else "flat above"
+        rows.append({"parameter": n, "best": float(v[k]), "lower95": float(lo), "upper95": float(hi),
+                     "grid_low": float(v.min()), "grid_high": float(v.max()), "max_drop": float(np.nanmax(d)),
+                     "failed_points": int(np.isnan(d).sum()), "not_converged": int((~c["converged"]).sum()),
+                     "verdict": verdict})
+    return pd.DataFrame(rows).set_index("parameter")

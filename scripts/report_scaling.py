@@ -40,7 +40,8 @@ def tile(run_dir: Path, out: Path, cells: int, draws: int) -> None:
         if "draw" in ds.dims:
             ds = ds.isel(draw=slice(0, draws))
         if "cell" in ds.dims:
-            ds = xr.concat([ds] * reps, dim="cell", data_vars="minimal", coords="minimal", compat="override").isel(cell=slice(0, cells)).assign_coords(cell=names)
+            ds = xr.concat([ds] * reps, dim="cell", data_vars="minimal", coords="minimal", compat="override")
+            ds = ds.isel(cell=slice(0, cells)).assign_coords(cell=names)
         groups[path] = ds
     big = xr.DataTree.from_dict(groups)
     big.attrs.update(tree.attrs)

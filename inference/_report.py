@@ -153,6 +153,12 @@ def _many_subplots():
     return arviz_base.rc_context({"plot.max_subplots": 400})
 
 
+def _grid_size(n: int, *, cols: int = 4, height: float = 2.8) -> dict:
+    """arviz-plots keywords for a roomy grid of ``n`` panels (titles clear of the axes above)."""
+    rows = int(np.ceil(n / cols))
+    return {"col_wrap": cols, "figure_kwargs": {"figsize": (3.6 * cols, height * rows), "layout": "constrained"}}
+
+
 def _save_pc(pc, path: Path) -> None:
     atomic_write(path, lambda tmp: pc.savefig(tmp, dpi=80, bbox_inches="tight"))
     plt.close("all")
@@ -355,8 +361,10 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
     if method == "nuts" and scalar:
         body = figure("trace.png", "Trace and marginal posterior of each population parameter, by chain",
                       lambda p: _save_pc(azp.plot_trace_dist(tree, var_names=scalar, backend="matplotlib"), p))
-        body += figure("rank.png", "Rank plots: uniform histograms for every chain mean the chains agree",
-                       lambda p: _save_pc(azp.plot_rank(tree, var_names=scalar, backend="matplotlib"), p))
+        body += figure("rank.png", "Rank plots: each chain's ECDF of fractional ranks minus the uniform; chains that sample the same "
+                       "distribution stay inside the envelope (p: uniformity test)",
+                       lambda p: _save_pc(azp.plot_rank(tree, var_names=scalar, backend="matplotlib",
+                                                                       **_grid_size(len(scalar))), p))
         sections.append(("Chains", body))
 
     # --- what was learned
@@ -364,13 +372,22 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
         prior = draw_prior(target, prior_draws, key=jax.random.key(seed), names=scalar)
         missing = [n for n in scalar if n not in prior]
         both = [n for n in scalar if n in prior]
+        # positive parameters on a log10 axis: their priors span decades, their posteriors a few percent
+        shown = {}
+        for n in both:
+            a, b = np.asarray(post[n]), prior[n][None]
+            if (a > 0).all() and (b > 0).all():
+                shown[f"log10 {n}"] = (np.log10(a), np.log10(b))
+            else:
+                shown[n] = (a, b)
         pdt = xr.DataTree.from_dict({
-            "posterior": post.to_dataset()[both],
-            "prior": xr.Dataset({n: (("chain", "draw"), prior[n][None]) for n in both}),
+            "posterior": xr.Dataset({k: (("chain", "draw"), v[0]) for k, v in shown.items()}),
+            "prior": xr.Dataset({k: (("chain", "draw"), v[1]) for k, v in shown.items()}),
         })
         body = figure("prior_posterior.png", "Prior (from the config's priors) against posterior of each population "
-                      "parameter: a posterior that repeats its prior was not informed by the data",
-                      lambda p: _save_pc(azp.plot_prior_posterior(pdt, var_names=both, backend="matplotlib"), p))
+                      "parameter, positive ones as log10: a posterior that repeats its prior was not informed by the data",
+                      lambda p: _save_pc(azp.plot_prior_posterior(pdt, var_names=list(shown), backend="matplotlib",
+                                                                  **_grid_size(len(shown))), p))
         if missing:
             body += f'<p class="note">No prior draws for {html.escape(", ".join(missing))} (not sampled by the model).</p>'
         sections.append(("Prior and posterior", body))

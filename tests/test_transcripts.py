@@ -295,6 +295,11 @@ def test_raw_ct_fit_through_the_cli_writes_every_output(tmp_path, capsys):
     assert "log_fc[MT1 duodenum glycinate 60]" in printed and "NOT CONVERGED" in printed
     for name in ("posterior.nc", "summary.csv", "livak.csv", "run.json", "dose_response.png", "rank.png", "trace.png"):
         assert (out / name).stat().st_size > 0, name
+    # the report of a transcript run: dose response per gene instead of trace panels
+    assert main(["report", str(out)]) == 0
+    page = (out / "report" / "report.html").read_text()
+    assert 'data-file="dose_response.png"' in page and 'data-file="loo_pit.png"' in page
+    assert "Gate verdict: not converged" in page and "ppc_page1.png" not in page
     import xarray as xr
 
     tree = xr.open_datatree(out / "posterior.nc", engine="h5netcdf")

@@ -808,7 +808,8 @@ def cmd_profile(args) -> int:
     print(f"profiling {', '.join(args.param) if args.param else 'the population parameters'} of {run_dir} "
           f"({args.points} grid points each)", flush=True)
     prof = profile_likelihoods(target, tree, names=args.param or None, num_points=args.points,
-                               key=jax.random.key(args.seed), max_iter=args.max_iter)
+                               key=jax.random.key(args.seed), max_iter=args.max_iter,
+                               log=lambda line: print(line, flush=True))
     atomic_write(run_dir / "profiles.csv", lambda tmp: prof.curves.to_csv(tmp, index=False))
     atomic_write(run_dir / "identifiability.csv", lambda tmp: prof.table.to_csv(tmp))
     plot_profiles(prof.curves, prof.table, run_dir / "profiles.png")
@@ -924,8 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="profile likelihoods of a finished run's population parameters")
     pr.add_argument("run_dir")
     pr.add_argument("--param", action="append", metavar="NAME", help="profile only this parameter; repeat for several")
-    pr.add_argument("--points", type=int, default=15, help="grid points per parameter")
-    pr.add_argument("--max-iter", type=int, default=300, help="L-BFGS iterations per grid point")
+    pr.add_argument("--points", type=int, default=20, help="grid points per parameter (half on each side)")
+    pr.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per grid point")
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_profile)
 

@@ -95,7 +95,7 @@ def pair_run(tmp_path_factory):
 
 
 def test_profile_names_the_planted_product_pair_and_not_the_identified_parameters(pair_run, capsys):
-    assert main(["profile", str(pair_run), "--points", "11"]) == 0
+    assert main(["profile", str(pair_run)]) == 0
     out = capsys.readouterr().out
     table = pd.read_csv(pair_run / "identifiability.csv", index_col=0)
     assert set(table.index) == {"a", "b", "x0", "s"}

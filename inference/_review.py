@@ -14,7 +14,8 @@ numpyro's unconstrained coordinates (the MAP's) with optax's L-BFGS, $\theta_p$ 
 grid value. The grid steps outward from the optimum on both sides, in posterior sds near it and
 geometrically beyond, out to at least the 1-99% range of the prior and the 0.5-99.5% range of the
 posterior (unconstrained coordinate); each grid value starts from its inner neighbour's solution
-(continuation), and all parameters and sides run at once (``vmap`` over lanes).
+(continuation), and all parameters and sides run at once (``vmap`` over lanes). L-BFGS runs in
+coordinates whitened by the posterior covariance (conditional on the fixed coordinate).
 
 A parameter is *identified* when the profile drops by more than $\chi^2_{1,0.95}/2 = 1.92$ below
 its maximum on both sides within the grid (the 95% profile-likelihood interval is then finite);
@@ -280,38 +281,73 @@ def profile_likelihoods(target: Target, tree: xr.DataTree, *, names=None, num_po
     flat0, unravel = ravel_pytree(u0)
     neg_ell = _objective(target, names)
     f = jax.jit(lambda x: neg_ell(unravel(x)))
-
-    x_opt, f_opt, _, opt_ok = jax.jit(lambda x: _minimize(f, x, max_iter=max_iter, tol=tol))(flat0)
-    if not np.isfinite(float(f_opt)):
-        raise RuntimeError("the profile optimisation could not evaluate the likelihood at the fit's best draw "
-                           "(failed solve); no profiles computed.")
-
     offsets, pos = {}, 0
     for n in sorted(u0):  # ravel_pytree lays a dict out in sorted-key order
         offsets[n] = pos
         pos += int(np.size(u0[n]))
+
+    # Posterior covariance of the unconstrained coordinates: L-BFGS runs in coordinates whitened
+    # by it (as NUTS runs under the Laplace metric); without, it crawls along the hierarchical
+    # model's correlated directions for hundreds of iterations.
+    draws = flat_draws(post, sorted(u0), max_draws=1000)
+    cols = [np.asarray(biject_to(latent[n]["fn"].support).inv(jnp.asarray(draws[n]))).reshape(len(draws[n]), -1)
+            for n in sorted(u0)]
+    cov = np.cov(np.concatenate(cols, axis=1), rowvar=False).reshape(flat0.size, flat0.size)
+    cov = cov + 1e-10 * np.diag(np.maximum(np.diag(cov), 1e-12)) + 1e-14 * np.eye(flat0.size)
+    chol = jnp.asarray(np.linalg.cholesky(cov))
+
+    @jax.jit
+    def optimum(x):
+        z, _, _, ok = _minimize(lambda z: f(x + chol @ z), jnp.zeros_like(x), max_iter=max_iter, tol=tol)
+        x = x + chol @ z
+        return x, f(x), ok
+
+    x_opt, f_opt, opt_ok = optimum(flat0)
+    if not np.isfinite(float(f_opt)):
+        raise RuntimeError("the profile optimisation could not evaluate the likelihood at the fit's best draw "
+                           "(failed solve); no profiles computed.")
     prior = prior_draws(target, num_prior_draws, key=key, names=names)
     post_flat = flat_draws(post, names)
     steps = max(num_points // 2, 3)
     grids = np.stack([_side_offsets(biject_to(latent[n]["fn"].support).inv, prior[n], post_flat[n],
                                     float(x_opt[offsets[n]]), steps) for n in names])  # (params, 2, steps)
+
+    def conditional(i):
+        """Whitening factor of the other coordinates given coordinate i (row and column i zero)
+        and the regression of all coordinates on coordinate i.
+        """
+        rest = np.delete(np.arange(flat0.size), i)
+        b = cov[:, i] / cov[i, i]
+        c = cov[np.ix_(rest, rest)] - np.outer(cov[rest, i], cov[i, rest]) / cov[i, i]
+        m = np.zeros_like(cov)
+        m[np.ix_(rest, rest)] = np.linalg.cholesky(c + 1e-14 * np.eye(rest.size))
+        return m, b
+
+    per = [conditional(offsets[n]) for n in names]
     lanes_i = jnp.asarray(np.repeat([offsets[n] for n in names], 2))
+    lanes_m = jnp.asarray(np.repeat(np.stack([m for m, _ in per]), 2, axis=0))
+    lanes_b = jnp.asarray(np.repeat(np.stack([b for _, b in per]), 2, axis=0))
 
     @jax.jit
-    def step(i, v, x_prev):
-        """One grid value per lane (parameter x side), each started from the lane's previous solution."""
-        def lane(i, v, x0):
-            g = lambda x: f(x.at[i].set(v))  # noqa: E731  (the fixed coordinate gets zero gradient)
-            x, val, iters, converged = _minimize(g, x0.at[i].set(v), max_iter=max_iter, tol=tol)
-            return jnp.where(jnp.isfinite(val), x, x0), val, iters, converged
+    def step(i, m, b, v, x_prev):
+        """One grid value per lane (parameter x side), each started from the lane's previous
+        solution moved along the posterior regression on the fixed coordinate.
+        """
+        def lane(i, m, b, v, x_prev):
+            x0 = x_prev + b * (v - x_prev[i])  # b[i] = 1: x0[i] = v
+            z, _, iters, converged = _minimize(lambda z: f(x0 + m @ z), jnp.zeros_like(x0), max_iter=max_iter,
+                                               tol=tol)
+            x = x0 + m @ z
+            val = f(x)
+            return jnp.where(jnp.isfinite(val), x, x_prev), val, iters, converged
 
-        return jax.vmap(lane)(i, v, x_prev)
+        return jax.vmap(lane)(i, m, b, v, x_prev)
 
     rows = []
     x = jnp.tile(x_opt, (len(names) * 2, 1))
     t0 = time.perf_counter()
     for j in range(steps):  # outward from the optimum: continuation, all parameters and sides at once
-        x, values, iters, converged = step(lanes_i, jnp.asarray(grids[:, :, j].reshape(-1)), x)
+        x, values, iters, converged = step(lanes_i, lanes_m, lanes_b, jnp.asarray(grids[:, :, j].reshape(-1)), x)
         for lane, (val, it, ok) in enumerate(zip(np.asarray(values), np.asarray(iters), np.asarray(converged))):
             n = names[lane // 2]
             u = float(grids[lane // 2, lane % 2, j])

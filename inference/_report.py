@@ -214,6 +214,7 @@ def plot_profiles(curves: pd.DataFrame, table: pd.DataFrame, path: Path) -> None
         c = curves[curves["parameter"] == n]
         ax.plot(c["value"], -c["delta"], "-o", ms=3, color="C0")
         ax.axhline(-PROFILE_THRESHOLD, color="C3", lw=0.8, ls="--")
+        ax.set_ylim(max(-float(c["delta"].max()), -12 * PROFILE_THRESHOLD) - 0.5, 0.5)  # the threshold region
         if (c["value"] > 0).all() and c["value"].max() / c["value"].min() > 20:
             ax.set_xscale("log")
         ax.set_title(f"{n}: {table.loc[n, 'verdict']}", fontsize=8)
@@ -221,7 +222,8 @@ def plot_profiles(curves: pd.DataFrame, table: pd.DataFrame, path: Path) -> None
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    fig.suptitle("Profile likelihoods (dashed: 95% threshold, chi2(1)/2 = 1.92 below the maximum)", fontsize=10)
+    fig.suptitle("Profile likelihoods (dashed: 95% threshold, chi2(1)/2 = 1.92 below the maximum; "
+                 "axes cut at 23 below)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 

@@ -368,7 +368,7 @@ class _Run:
             shutil.rmtree(self.out, ignore_errors=True)
             print(f"process {jax.process_index()}: done (process 0 writes the run directory)")
             return status
-        print(f"results in {self.out}/")
+        print(f"results in {self.out}/ (a report page: zinckin report {self.out})")
         return status
 
 

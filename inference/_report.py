@@ -297,7 +297,7 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
 
     from ._config import ConfigError
     from ._review import pointwise, prior_draws as draw_prior
-    from ._target import target_from_run, with_shapes
+    from ._target import target_from_run
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -322,7 +322,7 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
 
     target = None
     try:
-        target = with_shapes(target_from_run(run_dir), tree)
+        target = target_from_run(run_dir)
         names = [n for n in target.names if n in post]
     except (ConfigError, OSError, ValueError) as err:
         notes.append(f"The run's model could not be rebuilt, so prior draws are left out: {err}")

@@ -37,12 +37,6 @@ class Target:
     names: list[str]
     obs_sites: list[str]
     build_tree: Callable[..., xr.DataTree]
-    _shapes: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    @property
-    def scalar_names(self) -> list[str]:
-        """Population variables that are scalars per draw (one panel each in plots; see :func:`with_shapes`)."""
-        return [n for n in self.names if self._shapes.get(n, ()) == ()]
 
 
 def target_from_config(config, base: Path) -> Target:
@@ -86,13 +80,6 @@ def target_from_run(run_dir: Path) -> Target:
 
     config_path, base = rerun_inputs(Path(run_dir))
     return target_from_config(parse_config(config_path.read_text(), config_path), base)
-
-
-def with_shapes(target: Target, tree: xr.DataTree) -> Target:
-    """Record the per-draw shapes of the population variables (from a posterior or prior tree)."""
-    post = tree["posterior"] if "posterior" in tree.children else tree
-    target._shapes = {n: tuple(post[n].shape[2:]) for n in target.names if n in post}
-    return target
 
 
 def flat_draws(post: xr.DataTree | xr.Dataset, names, max_draws: int | None = None, seed: int = 0) -> dict:

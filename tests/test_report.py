@@ -10,58 +10,32 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+from test_custom_model import MODEL_SRC
 
 from inference._cli import main
 
 
+def _derived(**replace) -> str:
+    """A variant of test_custom_model's decay model (dx/dt = -k x, log-normal noise)."""
+    src = MODEL_SRC
+    for old, new in replace.values():
+        assert old in src, old
+        src = src.replace(old, new)
+    return src
+
+
+K_PARAM = 'Parameter("k", "1/h", dist.LogNormal(0.0, 1.0)),'
 # dx/dt = -(a b) x: the data see only the product a b; x0 and the noise scale are identified
-PAIR_SRC = """
-    import numpyro.distributions as dist
-    from models import LogNormal, Observable, ODEModel, Parameter, State
-
-    def vf(t, y, p):
-        return {"x": -p["a"] * p["b"] * y["x"]}
-
-    model = ODEModel(name="product_decay", time_unit="h", vector_field=vf,
-                     states=[State("x", "uM", initial="x0")],
-                     parameters=[Parameter("a", "1/h", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("b", "1", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("x0", "uM", dist.LogNormal(2.0, 1.0)),
-                                 Parameter("s", "1", dist.HalfNormal(0.5))],
-                     observables=[Observable("x", "x", LogNormal("s"), "uM")])
-"""
-
+PAIR_SRC = _derived(name=('name="decay"', 'name="product_decay"'),
+                    rhs=('-p["k"] * y["x"]', '-p["a"] * p["b"] * y["x"]'),
+                    params=(K_PARAM, 'Parameter("a", "1/h", dist.LogNormal(0.0, 1.0)), '
+                                     'Parameter("b", "1", dist.LogNormal(0.0, 1.0)),'))
 # dx/dt = -k (x - x_inf): decay to a plateau (the truth) ...
-PLATEAU_SRC = """
-    import numpyro.distributions as dist
-    from models import LogNormal, Observable, ODEModel, Parameter, State
-
-    def vf(t, y, p):
-        return {"x": -p["k"] * (y["x"] - p["x_inf"])}
-
-    model = ODEModel(name="plateau", time_unit="h", vector_field=vf,
-                     states=[State("x", "uM", initial="x0")],
-                     parameters=[Parameter("k", "1/h", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("x_inf", "uM", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("x0", "uM", dist.LogNormal(2.0, 1.0)),
-                                 Parameter("s", "1", dist.HalfNormal(0.5))],
-                     observables=[Observable("x", "x", LogNormal("s"), "uM")])
-"""
+PLATEAU_SRC = _derived(name=('name="decay"', 'name="plateau"'),
+                       rhs=('-p["k"] * y["x"]', '-p["k"] * (y["x"] - p["x_inf"])'),
+                       params=(K_PARAM, K_PARAM + ' Parameter("x_inf", "uM", dist.LogNormal(0.0, 1.0)),'))
 # ... and decay to zero (wrong for that data)
-DECAY_SRC = """
-    import numpyro.distributions as dist
-    from models import LogNormal, Observable, ODEModel, Parameter, State
-
-    def vf(t, y, p):
-        return {"x": -p["k"] * y["x"]}
-
-    model = ODEModel(name="decay", time_unit="h", vector_field=vf,
-                     states=[State("x", "uM", initial="x0")],
-                     parameters=[Parameter("k", "1/h", dist.LogNormal(0.0, 1.0)),
-                                 Parameter("x0", "uM", dist.LogNormal(2.0, 1.0)),
-                                 Parameter("s", "1", dist.HalfNormal(0.5))],
-                     observables=[Observable("x", "x", LogNormal("s"), "uM")])
-"""
+DECAY_SRC = MODEL_SRC
 
 SAMPLER = "\n[sampler]\nnum_warmup = 300\nnum_samples = 400\nnum_chains = 2\n"
 

@@ -86,6 +86,8 @@ class SolverSection(_Strict):
     rtol: float = Field(default=1e-6, gt=0, lt=1)
     atol: float = Field(default=1e-9, gt=0)
     max_steps: int = Field(default=4096, ge=16)
+    # "system": all cells as one system, shared steps, per-cell error control; "rows": one solve per cell
+    layout: Literal["system", "rows"] = "system"
 
 
 class SamplerSection(_Strict):
@@ -191,7 +193,7 @@ class FitConfig(_Strict):
 
     def solver_config(self) -> SolverConfig:
         s = self.solver
-        return SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps)
+        return SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, layout=s.layout)
 
     def sampler_config(self) -> SamplerConfig:
         return self.sampler.nuts()

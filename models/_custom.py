@@ -222,6 +222,18 @@ class ODESolver(eqx.Module):
         starts at a steady state (derivative zero) needs a small fixed value: the automatic
         choice then takes a huge first step.
     dtmax : largest step, or None for no bound.
+    layout : how :meth:`ODEModel.solve_batch` lays out many rows.
+
+        - ``"rows"`` (default): one solve per row, ``vmap``-ed. Every row has its own step
+          sizes, and fails on its own.
+        - ``"system"``: all rows form one ODE system with shared steps. The error of each
+          row is measured by its own RMS norm, and the step is accepted only when every row's
+          error is within tolerance (the norm is the largest row norm). Each row is therefore
+          solved at least as accurately as under ``"rows"``. All rows must share the start and
+          the saving times (checked: rows that differ fail). A failed step fails every row.
+          On a CPU this is about twice as fast for tens of cells. It saves the ``vmap``-ed
+          step loop's per-row selects and bookkeeping, and the shared steps cost little when
+          the rows follow one protocol (docs/performance.md).
     """
 
     method: str = "tsit5"
@@ -230,10 +242,13 @@ class ODESolver(eqx.Module):
     max_steps: int = 16_384
     dt0: float | None = None
     dtmax: float | None = None
+    layout: str = "rows"
 
     def __check_init__(self):
         if self.method not in ("tsit5", "dopri5", "dopri8", "kvaerno5"):
             raise ModelError(f"solver method must be tsit5, dopri5, dopri8 or kvaerno5, got {self.method!r}.")
+        if self.layout not in ("rows", "system"):
+            raise ModelError(f"solver layout must be 'rows' or 'system', got {self.layout!r}.")
         if not (0 < self.rtol < 1 and self.atol > 0 and self.max_steps >= 1):
             raise ModelError(f"need 0 < rtol < 1, atol > 0, max_steps >= 1; got {self.rtol}, {self.atol}, {self.max_steps}.")
         if self.dt0 is not None and not (self.dt0 > 0 and (self.dtmax is None or self.dt0 <= self.dtmax)):
@@ -561,16 +576,22 @@ class ODEModel:
         independently (step bound, non-finite state, failed pre-equilibration): a failed row has
         ``ok=False`` and finite placeholders and does not change the other rows. Under ``vmap``
         the adaptive step loop runs until the slowest row is done. With several devices
-        (:func:`row_devices`), the rows are split into one block per device (``jax.shard_map``).
+        (:func:`row_devices`), the rows are split into one block per device (a ``NamedSharding``
+        constraint; XLA's SPMD partitioner runs each block on its device).
+        With ``solver.layout == "system"`` all rows are one system with shared steps
+        (:class:`ODESolver`; a failed step fails every row); over several devices its rows are
+        laid out the same way, each device stepping its block, the step's error norm reduced
+        across them.
         """
         solver = solver or self.solver
         ts = jnp.asarray(ts)
         rows = ts.shape[0]
         values = {n: jnp.broadcast_to(jnp.asarray(values[n], dtype=ts.dtype), (rows,)) for n in self.param_names}
         t0 = jnp.broadcast_to(jnp.asarray(t0, dtype=ts.dtype), (rows,))
+        solve = self._solve_system if solver.layout == "system" else self._solve_rows
         devices = row_devices()
         if len(devices) < 2:
-            return self._solve_rows(values, t0, ts, solver)
+            return solve(values, t0, ts, solver)
         # rows padded (copies of row 0) to a multiple of the device count and laid out in one block
         # per device; XLA's SPMD partitioner then runs each block's solves on its own device (the
         # batched step loop's "any row still running" test is the only cross-device traffic)
@@ -579,7 +600,7 @@ class ODEModel:
         mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
         spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
         padded = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spread), padded)
-        ys, ok = self._solve_rows(*padded, solver)
+        ys, ok = solve(*padded, solver)
         return ys[:rows], ok[:rows]
 
     def _solve_rows(self, values, t0, ts, solver):
@@ -599,6 +620,26 @@ class ODEModel:
 
         ys, ok = jax.vmap(one)(values, t0, ts, y0)
         ok = ok0 & ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
+        return jnp.where(ok[:, None, None], ys, 1.0), ok
+
+    def _solve_system(self, values, t0, ts, solver):
+        """All rows as one system with shared steps (``layout="system"``, see :class:`ODESolver`)."""
+        y0, ok0 = self.initial_states(t0, values, ts.dtype)
+
+        def largest_row_rms(err):
+            return jnp.max(jnp.sqrt(jnp.mean(jnp.square(err), axis=-1)))
+
+        controller = diffrax.PIDController(rtol=solver.rtol, atol=solver.atol, dtmax=solver.dtmax, norm=largest_row_rms)
+        if self.jump_times:
+            controller = diffrax.ClipStepSizeController(controller, jump_ts=jnp.asarray(self.jump_times, dtype=ts.dtype))
+        rhs_rows = jax.vmap(lambda t, y, v: self.rhs(t, y, self.params_view(v)), in_axes=(None, 0, 0))
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(rhs_rows), solver.make(), t0=t0[0], t1=ts[0, -1], dt0=solver.dt0, y0=y0, args=values,
+            saveat=diffrax.SaveAt(ts=ts[0]), stepsize_controller=controller, max_steps=solver.max_steps, throw=False,
+        )
+        ys = jnp.swapaxes(sol.ys, 0, 1)
+        shared = jnp.all(t0 == t0[0]) & jnp.all(ts == ts[0])
+        ok = ok0 & diffrax.is_successful(sol.result) & shared & jnp.all(jnp.isfinite(ys), axis=(1, 2))
         return jnp.where(ok[:, None, None], ys, 1.0), ok
 
     def observe_batch(self, ts, ys, values: Mapping) -> dict:

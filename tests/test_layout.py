@@ -1,0 +1,138 @@
+"""The two layouts of batched solves (models.ODESolver.layout): one vmapped solve per row, or all
+rows as one system with shared steps and per-row error control."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer.util import initialize_model
+from reference import solve_full_reference
+from test_dynamics import PARAM_SETS, TS, _as_dict
+
+import models as m
+from inference._model import ImagingProblem, imaging_model
+from inference._simulate import SimulationSettings, simulate_imaging
+
+
+def _rows(protocol):
+    values = [{**_as_dict(m.default_params(**PARAM_SETS[name])), "sigma_zc": 0.1} for name in PARAM_SETS]
+    return {k: jnp.asarray([v[k] for v in values]) for k in values[0]}
+
+
+def _solve(protocol, values, layout, rtol, atol, t0=None):
+    model = m.flux_model(protocol)
+    n = len(values["zc_rest_nM"])
+    solver = m.ODESolver("tsit5", rtol=rtol, atol=atol, max_steps=50_000, dt0=1e-3, dtmax=1.0, layout=layout)
+    t0 = jnp.zeros(n) if t0 is None else t0
+    return jax.jit(lambda v, t0: model.solve_batch(v, t0, jnp.broadcast_to(jnp.asarray(TS), (n, TS.size)), solver))(values, t0)
+
+
+def test_system_layout_matches_radau_and_is_as_accurate_as_rows(example_protocol):
+    """The three parameter sets of test_dynamics as three rows of one system. Tight tolerance:
+    every row equals the full-equation Radau solution in the fast-binding limit (as the rows
+    layout does in test_dynamics). At the fit's tolerance (1e-6 / 1e-9), each row's error
+    against that reference is no larger than under the rows layout, with a factor 3 allowed for
+    the different step sequences: the shared step is never longer than the row's own error
+    control allows."""
+    values = _rows(example_protocol)
+    refs = np.stack([np.log(solve_full_reference(_as_dict(m.default_params(**PARAM_SETS[name])), example_protocol.start_min,
+                                                 example_protocol.kind, example_protocol.zn_ext_uM, TS, kon=6e5)[0])
+                     for name in PARAM_SETS])
+    ys, ok = _solve(example_protocol, values, "system", 1e-10, 1e-13)
+    assert bool(np.all(ok))
+    np.testing.assert_allclose(np.exp(np.asarray(ys[..., 0])), np.exp(refs), rtol=1e-5)
+    errors = {}
+    for layout in ("rows", "system"):
+        ys, ok = _solve(example_protocol, values, layout, 1e-6, 1e-9)
+        assert bool(np.all(ok))
+        errors[layout] = np.max(np.abs(np.asarray(ys[..., 0]) - refs), axis=1)
+    assert np.all(errors["system"] <= 3 * errors["rows"]), errors
+
+
+def test_rows_of_a_system_must_share_their_start(example_protocol):
+    """The system layout integrates all rows from one start: rows that start elsewhere are not
+    silently solved from the wrong time, the solve fails (counted, not raised)."""
+    values = _rows(example_protocol)
+    _, ok = _solve(example_protocol, values, "system", 1e-6, 1e-9, t0=jnp.asarray([0.0, 0.0, 0.5]))
+    assert not bool(np.any(ok))
+    with pytest.raises(m.ModelError, match="layout"):
+        m.ODESolver(layout="columns")
+
+
+def test_imaging_potential_same_under_both_layouts_and_gradient_matches_finite_differences(example_protocol):
+    """The imaging model's log density with the (default) system layout equals the rows layout's
+    to the solver tolerance, and its gradient equals central finite differences."""
+    sim = simulate_imaging(example_protocol, SimulationSettings(num_cells=4), key=jax.random.key(2))
+    t, y = jnp.asarray(sim["time_min"]), jnp.asarray(sim["intensity"])
+    fmin, fmax = sim["cells"]["f_min"], sim["cells"]["f_max"]
+    from inference._model import default_plan
+
+    plan = default_plan(probe_kd_nM=15.0)
+    values = {}
+    for layout in ("rows", "system"):
+        problem = ImagingProblem(model=m.ZincFluxRapidEquilibrium(example_protocol), time_min=t, intensity=y,
+                                 mask=jnp.ones(y.shape, bool), f_min_ref=jnp.asarray(fmin), f_max_ref=jnp.asarray(fmax),
+                                 sigma_ref=jnp.asarray(sim["cells"]["sigma"]), solver=m.SolverConfig(layout=layout))
+        info, potential, _, _ = initialize_model(jax.random.key(0), imaging_model, model_args=(problem, plan))
+        from jax.flatten_util import ravel_pytree
+
+        x0, unravel = ravel_pytree(info.z)
+        f = jax.jit(lambda x, potential=potential, unravel=unravel: potential(unravel(x)))
+        values[layout] = float(f(x0))
+    assert m.SolverConfig().layout == "system"
+    assert values["system"] == pytest.approx(values["rows"], rel=1e-6)
+    g = np.asarray(jax.jit(jax.grad(f))(x0))
+    h = 1e-5
+    rng = np.random.default_rng(0)
+    for i in rng.choice(x0.size, size=8, replace=False):
+        e = np.zeros(x0.size)
+        e[i] = h
+        fd = (float(f(x0 + e)) - float(f(x0 - e))) / (2 * h)
+        assert g[i] == pytest.approx(fd, rel=1e-4, abs=1e-4 * np.max(np.abs(g))), i
+
+
+SYSTEM_DEVICES_SCRIPT = """
+import json, jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from numpyro.infer.util import initialize_model
+from data import read_protocol
+from inference._model import ImagingProblem, default_plan, imaging_model
+from inference._simulate import SimulationSettings, simulate_imaging
+import models as m
+protocol = read_protocol("data/example/protocol.toml").to_inputs(30.0)
+sim = simulate_imaging(protocol, SimulationSettings(num_cells=5), key=jax.random.key(4))
+y = jnp.asarray(sim["intensity"])
+c = sim["cells"]
+problem = ImagingProblem(model=m.ZincFluxRapidEquilibrium(protocol), time_min=jnp.asarray(sim["time_min"]), intensity=y,
+                         mask=jnp.ones(y.shape, bool), f_min_ref=jnp.asarray(c["f_min"]), f_max_ref=jnp.asarray(c["f_max"]),
+                         sigma_ref=jnp.asarray(c["sigma"]), solver=m.SolverConfig(layout="system"))
+info, pot, _, _ = initialize_model(jax.random.key(0), imaging_model, model_args=(problem, default_plan(probe_kd_nM=15.0)))
+x0, unravel = ravel_pytree(info.z)
+v, g = jax.jit(jax.value_and_grad(lambda x: pot(unravel(x))))(x0)
+print(json.dumps({"devices": jax.device_count(), "value": float(v), "grad": np.asarray(g).tolist()}))
+"""
+
+
+def test_system_layout_over_four_devices_gives_the_same_log_density_and_gradient(tmp_path):
+    """Five cells as one system, rows padded to 8 and split over 4 forced CPU devices, against one
+    device: log density and gradient equal to 1e-10 relative (the shared step's error norm is a
+    maximum over rows, the same on any layout; sums differ only in order)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_runs import ROOT, _env
+
+    (tmp_path / "s.py").write_text(SYSTEM_DEVICES_SCRIPT)
+    out = {}
+    for n in (1, 4):
+        env = dict(_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        res = subprocess.run([sys.executable, str(tmp_path / "s.py")], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[n] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out[1]["devices"] == 1 and out[4]["devices"] == 4
+    assert out[4]["value"] == pytest.approx(out[1]["value"], rel=1e-10)
+    np.testing.assert_allclose(out[4]["grad"], out[1]["grad"], rtol=1e-10, atol=1e-10 * np.max(np.abs(out[1]["grad"])))

@@ -452,6 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nuts-cells", type=int, nargs="*", default=[8, 64])
     ap.add_argument("--stan", action="store_true", help="also run Stan (pip install '.[bench]')")
     ap.add_argument("--stan-max-cells", type=int, default=512, help="largest N whose Stan gradient is timed")
+    ap.add_argument("--stan-nuts-max-cells", type=int, default=64, help="largest N of a Stan NUTS fit")
     ap.add_argument("--levers", type=int, default=0, metavar="N", help="time the speed levers at N cells")
     ap.add_argument("--rtol", type=float, default=1e-6)
     ap.add_argument("--atol", type=float, default=1e-9)
@@ -515,7 +516,7 @@ def main(argv=None) -> int:
         results["nuts"].append(r)
         print(f"NUTS zinckin N={n}: {r}", flush=True)
         write_results(args.out, results)
-        if args.stan:
+        if args.stan and n <= args.stan_nuts_max_cells:
             if n not in posteriors:
                 posteriors[n] = stan_build(cases[n])[0]
             s = nuts_stan(cases[n], posteriors[n], chains=args.chains, warmup=args.warmup, samples=args.samples)

@@ -318,7 +318,8 @@ def ess_min(draws: dict) -> tuple[float, str]:
     from arviz_base import from_dict
 
     tree = from_dict({"posterior": {k: np.asarray(v) for k, v in draws.items()}})
-    result = azs.ess(tree, method="bulk")["posterior"]
+    result = azs.ess(tree, method="bulk")
+    result = result["posterior"] if "posterior" in getattr(result, "children", {}) else result
     ess = {k: float(result[k]) for k in draws}
     name = min(ess, key=ess.get)
     return ess[name], name

@@ -449,7 +449,7 @@ def write_results(out: Path, results: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cells", type=int, nargs="+", default=[8, 64, 512, 4096])
+    ap.add_argument("--cells", type=int, nargs="*", default=[8, 64, 512, 4096])
     ap.add_argument("--nuts-cells", type=int, nargs="*", default=[8, 64])
     ap.add_argument("--stan", action="store_true", help="also run Stan (pip install '.[bench]')")
     ap.add_argument("--stan-max-cells", type=int, default=512, help="largest N whose Stan gradient is timed")

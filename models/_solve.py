@@ -33,7 +33,7 @@ class SolverConfig(eqx.Module):
         ``"system"`` (the default: all cells as one system with shared steps and per-cell error
         control) or ``"rows"`` (one ``vmap``-ed solve per cell, split over devices when there
         are several); see :class:`models.ODESolver`. Used by the imaging fit's batched solve.
-        On the 2-core CPU the imaging gradient is 3-4.6x faster with ``"system"`` at 8-64 cells
+        On the 2-core CPU the imaging gradient is about 3x faster with ``"system"``
         (docs/performance.md).
     root_tol : float
         Tolerance of the Newton solve inside implicit steps (Kvaerno5 only). diffrax's default

@@ -14,9 +14,7 @@ Two kinds of rows:
 lever costs in accuracy.
 """
 
-import statistics
 import sys
-import time
 
 import diffrax
 import jax
@@ -27,13 +25,9 @@ jax.config.update("jax_enable_x64", True)
 
 
 def _timed(fn, x, repeats):
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    from benchmark import timed
+
+    return 1e3 * timed(fn, x, repeats=repeats)
 
 
 def _potential_rows(n, repeats):

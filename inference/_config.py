@@ -88,6 +88,16 @@ class SolverSection(_Strict):
     max_steps: int = Field(default=4096, ge=16)
     # "system": all cells as one system, shared steps, per-cell error control; "rows": one solve per cell
     layout: Literal["system", "rows"] = "system"
+    # with layout "system": the most cells per system, solved in blocks one after another; "auto":
+    # models.CPU_BLOCK_ROWS on a CPU, all cells one system on a GPU; "all": one system everywhere
+    block_rows: int | Literal["auto", "all"] = "auto"
+
+    @field_validator("block_rows")
+    @classmethod
+    def _positive_block(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"block_rows must be >= 1, 'auto' or 'all', got {v}")
+        return v
 
 
 class SamplerSection(_Strict):
@@ -193,7 +203,8 @@ class FitConfig(_Strict):
 
     def solver_config(self) -> SolverConfig:
         s = self.solver
-        return SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, layout=s.layout)
+        return SolverConfig(solver=s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, layout=s.layout,
+                            block_rows=None if s.block_rows == "all" else s.block_rows)
 
     def sampler_config(self) -> SamplerConfig:
         return self.sampler.nuts()

@@ -171,7 +171,8 @@ def predict(problem: ImagingProblem, params: ZincFluxParams, obs: FluorescencePa
     values = {name: jnp.broadcast_to(getattr(params, name), (n,)) for name in PARAM_SPECS}
     values["sigma_zc"] = jnp.ones(n)  # the flux model's own noise scale; unused by its dynamics
     s = problem.solver
-    solver = ODESolver(s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, dt0=s.dt0, dtmax=s.dtmax, layout=s.layout)
+    solver = ODESolver(s.solver, rtol=s.rtol, atol=s.atol, max_steps=s.max_steps, dt0=s.dt0, dtmax=s.dtmax, layout=s.layout,
+                      block_rows=s.block_rows)
     ys, ok = problem.flux.solve_batch(values, jnp.full((n,), t0), jnp.broadcast_to(t, (n, t.shape[0])), solver)
     zc = jnp.exp(ys[..., 0])
     fraction = zc / (values["probe_kd_nM"][:, None] + zc)

@@ -24,6 +24,7 @@ from ._coupled import (
     coupled_vector_field as coupled_vector_field,
 )
 from ._custom import (
+    CPU_BLOCK_ROWS as CPU_BLOCK_ROWS,
     TIME_UNITS as TIME_UNITS,
     LogNormal as LogNormal,
     ModelError as ModelError,

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from ._custom import check_block_rows
 from ._dynamics import AbstractZincModel, ZincFluxFull
 from ._params import ZincFluxParams
 
@@ -35,6 +36,11 @@ class SolverConfig(eqx.Module):
         are several); see :class:`models.ODESolver`. Used by the imaging fit's batched solve.
         On the 2-core CPU the imaging gradient is about 3x faster with ``"system"``
         (docs/performance.md).
+    block_rows : int, None or "auto"
+        With ``layout="system"``: the most cells in one system; more are solved in blocks of
+        this size, one after another (:class:`models.ODESolver`). None: all cells one system.
+        ``"auto"`` (default): blocks of :data:`models.CPU_BLOCK_ROWS` on a CPU, one system on
+        a GPU.
     root_tol : float
         Tolerance of the Newton solve inside implicit steps (Kvaerno5 only). diffrax's default
         ties it to ``rtol``/``atol``; at the tight tolerances of a reference solve that cannot be
@@ -50,8 +56,10 @@ class SolverConfig(eqx.Module):
     dtmax: float = 1.0
     root_tol: float = 1e-6
     layout: str = "system"
+    block_rows: int | str | None = "auto"
 
     def __check_init__(self):
+        check_block_rows(self.block_rows)
         if self.layout not in ("rows", "system"):
             raise ValueError(f"layout must be 'rows' or 'system', got {self.layout!r}.")
         if self.solver not in ("tsit5", "kvaerno5", "dopri5"):

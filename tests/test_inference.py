@@ -166,6 +166,25 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     cfg.write_text(f'[data]\ntraces = "{EXAMPLE_DIR / "traces.csv"}"\nprotocol = "{tmp_path / "missing.toml"}"\n')
     assert main(["check", str(cfg)]) == 2
     assert "missing.toml: the protocol file does not exist" in capsys.readouterr().err
+    cfg.write_text('[data]\ntraces = "t.csv"\nprotocol = "p.toml"\n[solver]\nblock_rows = 0\n')
+    assert main(["check", str(cfg)]) == 2
+    assert "key 'solver.block_rows'" in capsys.readouterr().err
+
+
+def test_solver_block_rows_setting():
+    """``[solver] block_rows``: "auto" (default) blocks of models.CPU_BLOCK_ROWS on a CPU and one
+    system on a GPU; "all" one system everywhere; an integer as given."""
+    import models as m
+    from inference._config import FitConfig
+
+    def solver(**kw):
+        return FitConfig.model_validate({"data": {"traces": "t.csv", "protocol": "p.toml"}, "solver": kw}).solver_config()
+
+    assert solver().block_rows == "auto"
+    assert m.ODESolver(layout="system").rows_per_block("cpu") == m.CPU_BLOCK_ROWS
+    assert m.ODESolver(layout="system").rows_per_block("gpu") is None
+    assert solver(block_rows="all").block_rows is None
+    assert solver(block_rows=32).block_rows == 32
 
 
 def test_check_example(capsys):

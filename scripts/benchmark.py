@@ -25,6 +25,9 @@ What it measures (docs/performance.md explains every column):
    draw and ESS per gradient.
 4. With ``--levers``: the speed levers of docs/performance.md, each timed against the
    production configuration in the same process (ratios).
+5. With ``--example-fit``: the README's example fit (``zinckin fit data/example/fit.toml``) run
+   in this process with the persistent compilation cache off; the time spent compiling (tracing,
+   lowering and XLA, from jax's monitoring events) and the fit's wall time.
 
 Results go to ``OUT/benchmark.json``, ``OUT/benchmark.csv`` and ``OUT/benchmark.md`` (written to
 a temporary name and moved, so a crash never leaves half a file). Nothing here asserts a timing.
@@ -344,9 +347,9 @@ def nuts_zinckin(case: Case, *, chains: int, warmup: int, samples: int) -> dict:
 
 def nuts_stan(case: Case, posterior, *, chains: int, warmup: int, samples: int) -> dict:
     start = time.perf_counter()
-    with quiet():
-        fit = posterior.sample(num_chains=chains, num_warmup=warmup, num_samples=samples,
-                               init=[stan_init(case.z_truth)] * chains, max_depth=10)
+    # pystan's progress bar stays on stderr: this fit can take an hour
+    fit = posterior.sample(num_chains=chains, num_warmup=warmup, num_samples=samples,
+                           init=[stan_init(case.z_truth)] * chains, max_depth=10)
     wall = time.perf_counter() - start
     names = [n for n in population_var_names(case.plan)]
     draws = {n: np.log(np.asarray(fit[n]).reshape(samples, chains).T) for n in names}
@@ -357,6 +360,58 @@ def nuts_stan(case: Case, posterior, *, chains: int, warmup: int, samples: int) 
             "step_size": float(np.mean(fit["stepsize__"])), "grads_per_draw": float(np.mean(steps)),
             "ess_per_grad": ess / float(np.sum(steps)), "divergences": int(np.sum(fit["divergent__"])),
             "note": "wall of sample() (model already built); chains in parallel processes; gradients counted over kept draws"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile time of the README's example fit
+
+EXAMPLE_CONFIG = ROOT / "data" / "example" / "fit.toml"
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of time intervals (tracing of a nested jit lies inside its caller's)."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def example_fit(config: Path = EXAMPLE_CONFIG) -> dict:
+    """Run ``zinckin fit`` on the bundled example in this process, with jax's persistent
+    compilation cache off, and time every compile in it (tracing, lowering, XLA) from jax's own
+    monitoring events."""
+    from inference._cli import main as cli_main
+
+    spans, backend = [], []
+
+    def listener(event, start, end, **_):
+        if event in COMPILE_EVENTS:
+            spans.append((start, end))
+        if event == COMPILE_EVENTS[-1]:
+            backend.append(end - start)
+
+    saved = os.environ.get("ZINCKIN_COMPILATION_CACHE")
+    os.environ["ZINCKIN_COMPILATION_CACHE"] = ""  # cold: every program compiled here
+    jax.monitoring.register_event_time_span_listener(listener)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            code = cli_main(["fit", str(config), "--out", str(Path(tmp) / "run"), "--no-progress"])
+            wall = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_time_span_listener(listener)
+        if saved is None:
+            os.environ.pop("ZINCKIN_COMPILATION_CACHE")
+        else:
+            os.environ["ZINCKIN_COMPILATION_CACHE"] = saved
+    if code != 0:
+        raise RuntimeError(f"zinckin fit {config} exited with {code}")
+    return {"config": str(config.relative_to(ROOT)), "wall_s": wall, "compile_s": union_seconds(spans),
+            "xla_compile_s": sum(backend), "programs": len(backend)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,8 +478,13 @@ def markdown(results: dict) -> str:
                   "| ESS per gradient | divergences |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["nuts"]:
             lines.append(f"| {r['tool']} | {r['cells']} | {r['wall_s']:.0f} | {r['min_ess_bulk']:.0f} ({r['worst']}) | "
-                         f"{r['ess_per_s']:.2f} | {r['mean_tree_depth']:.1f} | {r['step_size']:.3g} | {r['grads_per_draw']:.0f} | "
+                         f"{r['ess_per_s']:.3g} | {r['mean_tree_depth']:.1f} | {r['step_size']:.3g} | {r['grads_per_draw']:.0f} | "
                          f"{r['ess_per_grad']:.2e} | {r['divergences']} |")
+    if results.get("example_fit"):
+        e = results["example_fit"]
+        lines += ["", f"## Compile time of the example fit (`zinckin fit {e['config']}`, no compilation cache)", "",
+                  f"{e['compile_s']:.1f} s compiling (tracing, lowering and XLA; XLA alone {e['xla_compile_s']:.1f} s over "
+                  f"{e['programs']} programs) in a fit of {e['wall_s']:.0f} s."]
     for line in results.get("ratios", []):
         lines.append(f"- {line}")
     if results.get("levers"):
@@ -455,6 +515,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stan-max-cells", type=int, default=512, help="largest N whose Stan gradient is timed")
     ap.add_argument("--stan-nuts-max-cells", type=int, default=64, help="largest N of a Stan NUTS fit")
     ap.add_argument("--levers", type=int, default=0, metavar="N", help="time the speed levers at N cells")
+    ap.add_argument("--example-fit", action="store_true",
+                    help="run the bundled example fit and time its compiles (about 2 minutes on 2 cores)")
     ap.add_argument("--rtol", type=float, default=1e-6)
     ap.add_argument("--atol", type=float, default=1e-9)
     ap.add_argument("--repeats", type=int, default=7)
@@ -469,6 +531,11 @@ def main(argv=None) -> int:
     results = {"environment": environment(), "rtol": args.rtol, "atol": args.atol, "gradient": [], "agreement": {},
                "nuts": [], "ratios": [], "stan_build_s": None}
     print(json.dumps(results["environment"], indent=1), flush=True)
+    if args.example_fit:
+        # first, before anything else is compiled in this process
+        results["example_fit"] = e = example_fit()
+        print(f"example fit: {e['compile_s']:.1f} s compiling ({e['programs']} XLA programs) in {e['wall_s']:.0f} s", flush=True)
+        write_results(args.out, results)
     cases = {}
     for n in sorted(set(args.cells) | set(args.nuts_cells)):
         cases[n] = make_case(n, rtol=args.rtol, atol=args.atol)

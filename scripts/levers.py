@@ -37,11 +37,15 @@ def _potential_rows(n, repeats):
     from numpyro.infer.util import initialize_model
 
     from inference._model import imaging_model
-    from models import SolverConfig
+    from models import CPU_BLOCK_ROWS, SolverConfig
 
     base = make_case(n, rtol=1e-6, atol=1e-9)
+    blocks = f"blocks of {CPU_BLOCK_ROWS} cells on a CPU" if jax.default_backend() == "cpu" else "one system"
     variants = [
-        ("production: system layout, Tsit5, rtol 1e-6", SolverConfig(rtol=1e-6, atol=1e-9)),
+        (f"production: system layout ({blocks}), Tsit5, rtol 1e-6", SolverConfig(rtol=1e-6, atol=1e-9)),
+        ("system layout, all cells one system", SolverConfig(rtol=1e-6, atol=1e-9, block_rows=None)),
+        *[(f"system layout, blocks of {b} cells", SolverConfig(rtol=1e-6, atol=1e-9, block_rows=b))
+          for b in (64, 128, 512, 1024) if b < n and b != CPU_BLOCK_ROWS],
         ("rows layout (one vmapped solve per cell)", SolverConfig(rtol=1e-6, atol=1e-9, layout="rows")),
         ("rtol 1e-5, atol 1e-8", SolverConfig(rtol=1e-5, atol=1e-8)),
         ("rtol 1e-4, atol 1e-7", SolverConfig(rtol=1e-4, atol=1e-7)),

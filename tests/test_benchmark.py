@@ -51,3 +51,11 @@ def test_stan_and_zinckin_log_densities_agree():
     posterior, _ = benchmark.stan_build(tight)
     check = benchmark.agreement(tight, posterior)
     assert check["max_rel_diff"] < 1e-8, check
+
+
+def test_compile_time_counts_nested_traces_once():
+    """The example fit's compile time is the union of jax's compile events: a nested jit's trace
+    lies inside its caller's and is not added twice; separate compiles add up."""
+    assert benchmark.union_seconds([]) == 0.0
+    assert benchmark.union_seconds([(0.0, 4.0), (1.0, 2.0), (1.5, 3.0)]) == pytest.approx(4.0)
+    assert benchmark.union_seconds([(5.0, 6.0), (0.0, 1.0), (0.5, 2.0)]) == pytest.approx(3.0)

@@ -480,13 +480,13 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['tool']} | {r['cells']} | {r['wall_s']:.0f} | {r['min_ess_bulk']:.0f} ({r['worst']}) | "
                          f"{r['ess_per_s']:.3g} | {r['mean_tree_depth']:.1f} | {r['step_size']:.3g} | {r['grads_per_draw']:.0f} | "
                          f"{r['ess_per_grad']:.2e} | {r['divergences']} |")
+    for line in results.get("ratios", []):
+        lines.append(f"- {line}")
     if results.get("example_fit"):
         e = results["example_fit"]
         lines += ["", f"## Compile time of the example fit (`zinckin fit {e['config']}`, no compilation cache)", "",
                   f"{e['compile_s']:.1f} s compiling (tracing, lowering and XLA; XLA alone {e['xla_compile_s']:.1f} s over "
                   f"{e['programs']} programs) in a fit of {e['wall_s']:.0f} s."]
-    for line in results.get("ratios", []):
-        lines.append(f"- {line}")
     if results.get("levers"):
         lines += ["", f"## Levers ({results['levers']['cells']} cells; time relative to the first row, same process)", "",
                   "| lever | log density (ms) | gradient (ms) | gradient ratio | max |change| of the objective |", "|---|---|---|---|---|"]

@@ -165,7 +165,35 @@ def predict(problem: ImagingProblem, params: ZincFluxParams, obs: FluorescencePa
 
     One batched solve of all cells (:meth:`models.ODEModel.solve_batch` of model A); a cell whose
     solve fails gets finite placeholders and ``success=False`` without changing the others.
+
+    Called outside any trace (numpyro runs the model eagerly when it initialises the MAP, the
+    chain starts and each chain's sampler), it runs one program compiled once per problem;
+    otherwise each such call would compile the solve again, its vector field being a new closure.
+    Inside a trace it is inlined into the caller's program (a nested ``jit`` there makes XLA's
+    compile of the MAP and NUTS programs several times slower).
     """
+    if _inside_jit((problem, params, obs)):
+        return _predict(problem, params, obs)
+    return _predict_compiled(problem, params, obs)
+
+
+def _inside_jit(tree) -> bool:
+    """Whether a leaf is, or wraps (under ``grad``/``linearize``/``vmap``), a tracer of a ``jit``
+    trace, or a tracer of a kind not known here (then inlining is the safe choice).
+    """
+    for x in jax.tree.leaves(tree):
+        while isinstance(x, jax.core.Tracer):
+            kind = type(x).__name__
+            if kind in ("JVPTracer", "LinearizeTracer"):
+                x = x.primal
+            elif kind == "BatchTracer":
+                x = x.val
+            else:  # a jit trace's tracer, or one not known here
+                return True
+    return False
+
+
+def _predict(problem: ImagingProblem, params: ZincFluxParams, obs: FluorescenceParams):
     n, t = problem.num_cells, problem.time_min
     t0 = problem.model.protocol.t0
     values = {name: jnp.broadcast_to(getattr(params, name), (n,)) for name in PARAM_SPECS}
@@ -178,6 +206,9 @@ def predict(problem: ImagingProblem, params: ZincFluxParams, obs: FluorescencePa
     fraction = zc / (values["probe_kd_nM"][:, None] + zc)
     f = jax.vmap(lambda frac, o: fluorescence(frac, t, t0, o))(fraction, obs)
     return f, zc, ok
+
+
+_predict_compiled = eqx.filter_jit(_predict)
 
 
 def imaging_model(problem: ImagingProblem, plan: ParameterPlan, *, predictive: bool = False):

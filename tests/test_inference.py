@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -221,3 +222,27 @@ def test_numpyro_works_when_arviz_is_imported_first():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "-1.5"
+
+
+def test_prediction_is_inlined_only_inside_a_jit_trace():
+    """predict runs its compiled program when called eagerly (also under grad, linearize or vmap,
+    as numpyro's initialisation does), and is inlined when traced by jit, also under grad or vmap
+    inside it."""
+    from inference._model import _inside_jit
+
+    x = jnp.arange(3.0)
+    assert not _inside_jit((x, 1.0))
+    seen = []
+
+    def probe(v):
+        seen.append(_inside_jit(v))
+        return jnp.sum(v**2)
+
+    jax.grad(probe)(x)
+    jax.linearize(probe, x)
+    jax.vmap(probe)(x[:, None])
+    assert seen == [False, False, False]
+    jax.jit(probe)(x)
+    jax.jit(jax.grad(probe))(x)
+    jax.jit(jax.vmap(probe))(x[:, None])
+    assert seen[3:] == [True, True, True]

@@ -209,6 +209,13 @@ class PreEquilibrated:
     time: float | None = None
 
 
+def _pad_rows(tree, pad: int):
+    """Every array of ``tree`` with ``pad`` copies of its first row appended (rows that solve like
+    a real one and are dropped afterwards).
+    """
+    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), tree)
+
+
 CPU_BLOCK_ROWS = 64
 """Rows per system of the system layout on a CPU, with ``block_rows="auto"`` (docs/performance.md)."""
 
@@ -628,7 +635,7 @@ class ODEModel:
         # per device; XLA's SPMD partitioner then runs each block's solves on its own device (the
         # batched step loop's "any row still running" test is the only cross-device traffic)
         pad = (-rows) % len(devices)
-        padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), (values, t0, ts))
+        padded = _pad_rows((values, t0, ts), pad)
         mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
         spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
         padded = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spread), padded)
@@ -670,8 +677,7 @@ class ODEModel:
             return self._solve_system(values, t0, ts, solver)
         blocks = -(-rows // size)
         pad = blocks * size - rows
-        stacked = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]).reshape((blocks, size) + x.shape[1:]),
-                               (values, t0, ts))
+        stacked = jax.tree.map(lambda x: x.reshape((blocks, size) + x.shape[1:]), _pad_rows((values, t0, ts), pad))
         ys, ok = jax.lax.map(lambda block: self._solve_system(*block, solver), stacked)
         return ys.reshape((blocks * size,) + ys.shape[2:])[:rows], ok.reshape(-1)[:rows]
 

@@ -502,7 +502,9 @@ def _compilation_cache(runtime) -> str | None:
     if path is None:
         if jax.config.jax_compilation_cache_dir:
             return jax.config.jax_compilation_cache_dir
-        path = os.environ.get("ZINCKIN_COMPILATION_CACHE") or str(Path.home() / ".cache" / "zinckin" / "jax")
+        path = os.environ.get("ZINCKIN_COMPILATION_CACHE")  # set but empty: no persistent cache, as in the config
+        if path is None:
+            path = str(Path.home() / ".cache" / "zinckin" / "jax")
     if path == "":
         return None
     path = str(Path(path).expanduser())

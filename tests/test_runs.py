@@ -314,3 +314,27 @@ def test_solver_failures_inside_nuts_are_counted_and_the_run_completes(tmp_path)
     res = gate(tree, problem.summary_names())
     check = [c for c in res["checks"] if c["check"] == "solver_failures"][0]
     assert check["value"] == pytest.approx((failures > 0).mean()) and check["status"] in ("warn", "fail")
+
+
+def test_an_empty_cache_setting_turns_the_persistent_compilation_cache_off(monkeypatch, tmp_path):
+    """``ZINCKIN_COMPILATION_CACHE=""`` and ``compilation_cache_dir = ""`` both mean no persistent
+    cache (the benchmark's cold compile timing relies on it); a path turns it on there."""
+    import jax
+
+    from inference._cli import _compilation_cache
+    from inference._config import RuntimeSection
+
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("ZINCKIN_COMPILATION_CACHE", "")
+        assert _compilation_cache(RuntimeSection()) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.delenv("ZINCKIN_COMPILATION_CACHE")
+        assert _compilation_cache(RuntimeSection(compilation_cache_dir="")) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("ZINCKIN_COMPILATION_CACHE", str(tmp_path / "cache"))
+        assert _compilation_cache(RuntimeSection()) == str(tmp_path / "cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)

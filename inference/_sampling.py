@@ -1,8 +1,8 @@
 """NUTS in chunks, with the sampler state saved after warmup and after every chunk.
 
-Every NUTS fit (imaging, transcripts, user models) samples through :func:`sample_nuts`: warmup is
-numpyro's ``MCMC.warmup``, the kept draws come from one compiled program (in one piece, or with a
-checkpoint in chunks of ``chunk_size`` iterations); each chunk continues from the
+Every NUTS fit (imaging, transcripts, user models) samples through :func:`sample_nuts`: warmup and
+the kept draws come from one compiled program of numpyro's NUTS transitions (warmup in pieces, the
+draws in one piece or, with a checkpoint, in chunks of ``chunk_size`` iterations); each piece continues from the
 previous chunk's last state (position, step size, metric and the per-chain random key), so the
 chain is the same Markov chain as an uninterrupted run, draw for draw. After warmup and after each
 chunk, the state and every draw so far are written to ``checkpoint.pkl`` atomically (temporary
@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer import MCMC
 
 from models import using_row_devices
 
@@ -115,42 +114,82 @@ def _concat(chunks):
     return {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
 
 
-def _chunk_program(kernel, sampler, model_args, extra_fields):
-    """``run_chunk(state, n) -> (state, (draws, fields))``: ``n`` NUTS transitions of every chain.
+def _chunk_program(kernel, sampler, model_args, extra_fields, length: int):
+    """``run_chunk(state, n, keep) -> (state, (draws, fields))``: ``n <= length`` NUTS transitions of every chain.
 
-    One compiled program per chunk length (jit with ``n`` static), reused for every chunk; numpyro's
-    ``MCMC.run`` would trace and compile its sampling loop again on every call. The transitions are
-    ``kernel.sample``, as in ``MCMC.run``, so the chain is the same. ``draws`` are the constrained
-    sample sites and deterministic sites, ``fields`` the extra fields, both ``(chain, n, ...)``.
+    One compiled program for the whole fit: ``n`` and ``keep`` are traced, so warmup pieces and
+    chunks of any length up to ``length`` reuse it (numpyro's ``MCMC.warmup`` and ``MCMC.run``
+    trace and compile their loop again for every chain and every call). The transitions are
+    ``kernel.sample``, as in ``MCMC.run``; warmup is the same transitions while the state's
+    iteration count is below ``num_warmup`` (the kernel adapts step size and metric then). With
+    ``keep`` the constrained sample and deterministic sites (``draws``) and the extra fields
+    (``fields``) of each transition are written into buffers ``(chain, length, ...)`` and
+    returned as host arrays ``(chain, n, ...)``; without it (warmup) they are not computed (the
+    deterministic sites can hold a full ODE solve) and ``None`` is returned in their place.
     """
     postprocess = kernel.postprocess_fn(model_args, {})
     getters = {name: operator.attrgetter(name) for name in extra_fields}
     devices = chain_devices(sampler)
-    # vectorized chains: kernel.init batched kernel.sample over chains, so the scan carries all chains
+    # vectorized chains: kernel.init batched kernel.sample over chains, so the loop carries all chains
     batched = sampler.num_chains > 1 and sampler.chain_method == "vectorized"
     post = jax.vmap(postprocess) if batched else postprocess
 
-    def chains_scan(state, n):
-        def step(st, _):
-            st = kernel.sample(st, model_args, {})
-            fields = {k: g(st) for k, g in getters.items()}
-            fields.update(_position(st))
-            return st, (post(st.z), fields)
+    @jax.jit  # traced once: eval_shape below and the cond in the loop share the trace
+    def outputs(st):
+        fields = {k: g(st) for k, g in getters.items()}
+        fields.update(_position(st))
+        return post(st.z), fields
 
-        return jax.lax.scan(step, state, None, length=n)
+    def chains_loop(state, n, keep):
+        shapes = jax.eval_shape(outputs, state)
 
-    def chunk(state, n):
+        def skip(_):
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def step(st, i):
+            def go(st):
+                st = kernel.sample(st, model_args, {})
+                return st, jax.lax.cond(keep, outputs, skip, st)
+            return jax.lax.cond(i < n, go, lambda st: (st, skip(st)), st)
+
+        return jax.lax.scan(step, state, jnp.arange(length))
+
+    def chunk(state, n, keep):
         if sampler.num_chains == 1:
-            state, out = chains_scan(state, n)
+            state, out = chains_loop(state, n, keep)
             return state, jax.tree.map(lambda x: x[None], out)
         if batched:
-            state, out = chains_scan(state, n)
+            state, out = chains_loop(state, n, keep)
             return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
-        return jax.lax.map(lambda st: chains_scan(st, n), state)
+        return jax.lax.map(lambda st: chains_loop(st, n, keep), state)
 
-    if devices is None:
-        return jax.jit(chunk, static_argnums=1)
-    return _per_device(chains_scan, devices, sampler.num_chains)
+    program = jax.jit(chunk) if devices is None else _per_device(chains_loop, devices, sampler.num_chains)
+
+    def run_chunk(state, n: int, keep: bool = True):
+        if not 0 < n <= length:
+            raise ValueError(f"a chunk of {n} transitions does not fit the program's {length}")
+        state, out = program(state, jnp.asarray(n, jnp.int32), jnp.asarray(keep))
+        # sliced on the host: an eager slice would compile a program per array; warmup's are dropped
+        return state, (jax.tree.map(lambda x: np.asarray(x)[:, :n], out) if keep else None)
+
+    return run_chunk
+
+
+def _initial_state(kernel, sampler, key, model_args, init_params):
+    """The sampler state before warmup: ``kernel.init`` as numpyro's ``MCMC`` calls it.
+
+    One chain: the key itself, ``init_params`` without a chain axis (as :func:`inference._fit.chain_starts`
+    returns them). Several: ``split(key, num_chains)``, one ``kernel.init`` per chain stacked along
+    a leading chain axis, or for ``chain_method = "vectorized"`` one batched ``kernel.init`` (which
+    also batches ``kernel.sample``).
+    """
+    if sampler.num_chains == 1:
+        return kernel.init(key, sampler.num_warmup, init_params, model_args, {})
+    keys = jax.random.split(key, sampler.num_chains)
+    if sampler.chain_method == "vectorized":
+        return kernel.init(keys, sampler.num_warmup, init_params, model_args, {})
+    return _stack([kernel.init(keys[c], sampler.num_warmup, jax.tree.map(lambda x, c=c: x[c], init_params),
+                               model_args, {}) for c in range(sampler.num_chains)])
 
 
 def chain_devices(sampler) -> list | None:
@@ -191,7 +230,7 @@ def _stack(trees):
 
 
 def _per_device(one_chain, devices, num_chains):
-    """``run(state, n) -> (state, out)`` for sharded chains: ``one_chain(state, n)`` for every chain
+    """``run(state, *args) -> (state, out)`` for sharded chains: ``one_chain(state, *args)`` for every chain
     (leading axis of ``state``; outputs stacked the same way), each device running its own block
     of chains one after another, all devices at once (one host thread per device).
 
@@ -207,22 +246,22 @@ def _per_device(one_chain, devices, num_chains):
 
     from jax.experimental import multihost_utils
 
-    program = jax.jit(one_chain, static_argnums=1)
+    program = jax.jit(one_chain)
     per = num_chains // len(devices)
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
     # chain_devices takes the same number from every process, in process order: blocks are contiguous
 
-    def run_block(i, state, n):
+    def run_block(i, state, args):
         device = devices[i]
         outs = []
         for c in range(i * per, (i + 1) * per):
-            st = jax.device_put(jax.tree.map(lambda x, c=c: x[c], state), device)
-            outs.append(jax.block_until_ready(program(st, n)))
+            st, a = jax.device_put((jax.tree.map(lambda x, c=c: x[c], state), args), device)
+            outs.append(jax.block_until_ready(program(st, *a)))
         return outs
 
-    def run(state, n):
+    def run(state, *args):
         with ThreadPoolExecutor(len(mine)) as pool:
-            blocks = list(pool.map(lambda i: run_block(i, state, n), mine))
+            blocks = list(pool.map(lambda i: run_block(i, state, args), mine))
         local = _stack([out for block in blocks for out in block])
         if jax.process_count() == 1:
             return local
@@ -236,22 +275,6 @@ def _per_device(one_chain, devices, num_chains):
         return jax.tree.map(gather, local)
 
     return run
-
-
-def _sharded_warmup(kernel, sampler, key, model_args, init_params, devices):
-    """Warmup of ``chain_method = "sharded"``: each chain's ``kernel.init`` (one key per chain from
-    ``split(key, num_chains)``, as numpyro's sequential chains), then its ``num_warmup`` adapting
-    transitions, chains spread over ``devices`` (:func:`_per_device`). Returns the post-warmup
-    state, chains stacked.
-    """
-    keys = jax.random.split(key, sampler.num_chains)
-    states = [kernel.init(keys[c], sampler.num_warmup, jax.tree.map(lambda x, c=c: x[c], init_params), model_args, {})
-              for c in range(sampler.num_chains)]
-
-    def warm(st, n):
-        return jax.lax.fori_loop(0, n, lambda _, s: kernel.sample(s, model_args, {}), st)
-
-    return _per_device(warm, devices, sampler.num_chains)(_stack(states), sampler.num_warmup)
 
 
 def chain_layout(runner):
@@ -342,8 +365,10 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
                 checkpoint: Checkpointing | None = None):
     """Run NUTS; returns ``(samples, extra)``, both dicts of arrays grouped by chain ``(chain, draw, ...)``.
 
-    Warmup is numpyro's ``MCMC.warmup``; the kept draws come from :func:`_chunk_program`, in
-    chunks when checkpointing (same draws as numpyro's ``MCMC.run`` with the same key). ``extra``
+    The chains start from :func:`_initial_state` (numpyro's ``kernel.init``, keys as ``MCMC``
+    splits them); warmup and the kept draws both run :func:`_chunk_program`'s one program, the
+    draws in chunks when checkpointing (numpyro's transitions, as ``MCMC.warmup`` and
+    ``MCMC.run`` take them, compiled once instead of per chain and per call). ``extra``
     holds the requested extra fields and ``solver_failures_in_trajectory`` (:func:`replay_failures`).
 
     Parameters
@@ -372,30 +397,34 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
                                   "differ from this one). Fix: resume with the run's own config, or refit with --overwrite.")
         # numpyro builds the kernel's sample function in kernel.init; run it once at the stored starts
         vectorized = sampler.chain_method == "vectorized" and sampler.num_chains > 1
-        starts = init_params if vectorized else jax.tree.map(lambda x: x[0], init_params)
+        starts = init_params if vectorized or sampler.num_chains == 1 else jax.tree.map(lambda x: x[0], init_params)
         keys = jax.random.split(key, sampler.num_chains) if vectorized else key
         kernel.init(keys, sampler.num_warmup, starts, model_args, {})
         state, start = _from_host(ck["state"]), ck["start"]
         samples, extra = list(ck["samples"]), list(ck["extra"])
-    elif chain_devices(sampler) is not None:
-        devices = chain_devices(sampler)
-        if progress_bar:
-            print(f"warmup: {sampler.num_chains} chains on {len(devices)} device(s), "
-                  f"{sampler.num_warmup} iterations each", flush=True)
-        state, samples, extra = _sharded_warmup(kernel, sampler, key, model_args, init_params, devices), [], []
-        start = _to_host(_position(state))
-        save(state, start, samples, extra, 0)
+        run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields, chunk_size)
     else:
-        warm = MCMC(kernel, num_warmup=sampler.num_warmup, num_samples=chunk_size, num_chains=sampler.num_chains,
-                    chain_method=sampler.chain_method, progress_bar=progress_bar)
-        warm.warmup(key, *model_args, extra_fields=extra_fields, init_params=init_params)
-        state, samples, extra = warm.post_warmup_state, [], []
-        start = {k: (jax.tree.map(lambda x: x[None], v) if sampler.num_chains == 1 else v)
-                 for k, v in _position(state).items()}
+        state, samples, extra = _initial_state(kernel, sampler, key, model_args, init_params), [], []
+        # after kernel.init: it builds the kernel's sample and postprocess functions
+        run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields, chunk_size)
+        devices = chain_devices(sampler)
+        where = f" on {len(devices)} device(s)" if devices else ""
+        # with a progress display, warmup in quarters (the same program; the chain does not change)
+        piece = min(chunk_size, -(-sampler.num_warmup // 4) if progress_bar else chunk_size)
+        warmed = 0
+        while warmed < sampler.num_warmup:
+            n = min(piece, sampler.num_warmup - warmed)
+            state, _ = run_chunk(state, n, keep=False)
+            warmed += n
+            if progress_bar:
+                print(f"warmup: {warmed}/{sampler.num_warmup} iterations per chain "
+                      f"({sampler.num_chains} chain(s){where})", flush=True)
+        start = _position(state)
+        if sampler.num_chains == 1:
+            start = jax.tree.map(lambda x: x[None], start)
         start = _to_host(start)
         save(state, start, samples, extra, 0)
     done = sum(s[next(iter(s))].shape[1] for s in samples) if samples else 0
-    run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields)
     while done < sampler.num_samples:
         n = min(chunk_size, sampler.num_samples - done)
         state, (draws, fields) = run_chunk(state, n)

@@ -9,7 +9,8 @@ import numpy as np
 import xarray as xr
 from arviz_base import from_dict
 from jax.flatten_util import ravel_pytree
-from numpyro.infer import NUTS, Predictive, log_likelihood
+from numpyro.handlers import substitute, trace
+from numpyro.infer import NUTS
 
 from data import ImagingDataset
 from models import PARAM_SPECS, SolverConfig, ZincFluxRapidEquilibrium
@@ -106,11 +107,12 @@ class FitResult:
 def find_map(model, model_args, *, key, num_starts: int = 1, **kwargs) -> LaplaceInit:
     """MAP and Laplace covariance (:func:`inference._laplace.laplace_init`) from ``num_starts`` starts.
 
-    One start runs as a single compiled program; several run the host-driven multi-start L-BFGS
-    (the prior medians plus ``num_starts - 1`` prior draws, each explored briefly, the lowest
-    refined).
+    The L-BFGS iterations and Hessian columns are driven from the host around one compiled value
+    and gradient of the potential (``host_loop``: one copy of the ODE gradient to compile instead
+    of one per place a single jitted search would evaluate it). Several starts: the prior
+    medians plus ``num_starts - 1`` prior draws, each explored briefly, the lowest refined.
     """
-    return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=num_starts > 1, **kwargs)
+    return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=True, **kwargs)
 
 
 @chain_layout
@@ -168,12 +170,16 @@ def chain_starts(laplace: LaplaceInit, num_chains: int, *, key, potential_model,
     flats = laplace.flat_map + scale * eps @ chol.T
     _, unravel = ravel_pytree(laplace.z_map)
 
-    @jax.jit
-    def check(flat):
-        pe = potential_energy(model, tuple(model_args), {}, unravel(flat))
-        return jnp.where(jnp.isfinite(pe), flat, laplace.flat_map)
+    if laplace.value_and_grad is not None:  # the MAP search's compiled potential: nothing more to compile
+        finite = [bool(np.isfinite(laplace.value_and_grad(flat)[0])) for flat in flats]
+        flats = jnp.where(jnp.asarray(finite)[:, None], flats, laplace.flat_map)
+    else:
+        @jax.jit
+        def check(flat):
+            pe = potential_energy(model, tuple(model_args), {}, unravel(flat))
+            return jnp.where(jnp.isfinite(pe), flat, laplace.flat_map)
 
-    flats = jax.vmap(check)(flats)
+        flats = jax.vmap(check)(flats)
     starts = jax.vmap(unravel)(flats)
     if num_chains == 1:
         starts = jax.tree.map(lambda a: a[0], starts)
@@ -211,6 +217,28 @@ def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
     return stats
 
 
+def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: dict, key):
+    """Log likelihood of every observation and one posterior predictive draw of every frame, per draw.
+
+    One pass of the model per draw (``lax.map``, one compiled program): the likelihood site's
+    distribution gives both its log density at the data (0 where the mask drops a frame, as
+    numpyro's ``log_likelihood``) and a draw of the noise model (every frame, masked or not, as
+    ``Predictive`` with ``predictive=True``). Returns two ``(draw, cell, time)`` arrays.
+    """
+    keys = jax.random.split(key, next(iter(samples.values())).shape[0])
+
+    @jax.jit
+    def run(samples, keys):
+        def one(args):
+            sample, k = args
+            site = trace(substitute(imaging_model, data=sample)).get_trace(problem, plan)["intensity"]
+            return site["fn"].log_prob(site["value"]), site["fn"].sample(k)
+
+        return jax.lax.map(one, (samples, keys))
+
+    return run(samples, keys)
+
+
 def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, extra: dict | None, *,
                   key, cell_id, max_tree_depth: int) -> xr.DataTree:
     """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields."""
@@ -218,10 +246,7 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     flat = _flatten({k: v for k, v in samples.items() if k not in ("solver_failures",)})
     flat_j = {k: jnp.asarray(v) for k, v in flat.items()}
-    ll = log_likelihood(imaging_model, flat_j, problem, plan)["intensity"]
-    ppc = Predictive(imaging_model, posterior_samples=flat_j, return_sites=["intensity"])(
-        key, problem, plan, predictive=True
-    )["intensity"]
+    ll, ppc = pointwise_intensity(problem, plan, flat_j, key)
 
     def by_chain(a):
         a = np.asarray(a)

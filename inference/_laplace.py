@@ -1,4 +1,5 @@
-"""MAP by preconditioned L-BFGS (optax) and a Laplace approximation, used to start NUTS well.
+"""MAP by preconditioned L-BFGS (optax in one program, or SciPy from the host) and a Laplace
+approximation, used to start NUTS well.
 
 Imaging data pin each cell's observation parameters extremely tightly (a bleaching rate to
 ~1e-4 /min, F_min to <1%) while population parameters stay prior-wide: the posterior's scales
@@ -6,6 +7,8 @@ span ~4 orders of magnitude. NUTS with an identity metric then needs step sizes 
 saturates its tree depth for the whole warmup. Starting at the MAP with the Laplace covariance
 as the (dense) inverse metric removes that cost.
 """
+
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -32,6 +35,9 @@ class LaplaceInit(eqx.Module):
     num_iter : L-BFGS iterations used.
     start_potentials : last potential of every start of a multi-start search (after its
         exploration iterations; the MAP's after its full search); one entry for a single start.
+    value_and_grad : the compiled potential's value and gradient at a flat unconstrained point
+        (``host_loop`` searches; None otherwise), for callers that evaluate the potential again
+        without compiling the model once more.
     """
 
     z_map: dict
@@ -41,6 +47,7 @@ class LaplaceInit(eqx.Module):
     grad_norm: Float[Array, ""]
     num_iter: Array
     start_potentials: Float[Array, " starts"]
+    value_and_grad: Callable | None = eqx.field(static=True, default=None)
 
 
 def _fd_hessian(grad_fn, x, step, batched: bool = True):
@@ -78,10 +85,10 @@ def laplace_init(model, model_args, *, key, max_iter: int = 150, tol: float = 1e
     both branches for every column.
 
     ``host_loop=True`` compiles only the potential's value and gradient and drives the Hessian
-    columns and the L-BFGS iterations from Python. For models whose gradient is expensive to
-    compile (implicit solvers, steady states) the single program inlines the gradient several
-    times (two Hessians, the line search) and its compile dominates; the host loop compiles it
-    once, at the cost of a host round trip per iteration (outside any sampling loop).
+    columns and the L-BFGS iterations (SciPy's L-BFGS-B, :func:`_host_lbfgs`) from Python. For
+    ODE models the single program inlines the gradient several times (two Hessians, the line
+    search, the final gradient) and its compile dominates; the host loop compiles it once, at
+    the cost of a host round trip per evaluation (outside any sampling loop). The fits use it.
 
     ``num_starts > 1`` (host loop only): multi-start search. The prior-median start and
     ``num_starts - 1`` draws from the prior (numpyro's ``init_to_sample``, redrawn where the
@@ -138,108 +145,95 @@ def laplace_init(model, model_args, *, key, max_iter: int = 150, tol: float = 1e
         _, inv = _sqrt_inv(_fd_hessian(grad_f, x, fd_step, batch_hessian), floor)
         return x, inv, value, jnp.linalg.norm(grad), i
 
+    value_and_grad = None
     if host_loop:
-        x, inv, value, gnorm, i, values = _host_lbfgs(f, starts, max_iter=max_iter, tol=tol, fd_step=fd_step,
-                                                      floor=floor, explore_iter=explore_iter, log=log)
+        value_and_grad = jax.jit(jax.value_and_grad(f))
+        x, inv, value, gnorm, i, values = _host_lbfgs(value_and_grad, starts, max_iter=max_iter, tol=tol,
+                                                      fd_step=fd_step, floor=floor, explore_iter=explore_iter, log=log)
     else:
         x, inv, value, gnorm, i = run(flat0)
         values = value[None]
     return LaplaceInit(z_map=unravel(x), flat_map=x, inverse_mass_matrix=inv, potential=value,
-                       grad_norm=gnorm, num_iter=i, start_potentials=values)
+                       grad_norm=gnorm, num_iter=i, start_potentials=values, value_and_grad=value_and_grad)
 
 
-STALL_ITER = 25
+def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explore_iter=25, log=None):
+    """:func:`laplace_init`'s steps driven from Python, with one compiled value and gradient.
 
+    ``starts`` has shape ``(num_starts, dim)``. ``value_and_grad`` is the potential's value and
+    gradient, one compiled program; every Hessian column and every L-BFGS evaluation calls it. L-BFGS is
+    SciPy's L-BFGS-B (unbounded) on the problem preconditioned as in :func:`laplace_init`: a
+    jitted optimiser loop (optax's, with its zoom line search) inlines the potential's gradient
+    once per place that evaluates it, and each copy of an ODE model's gradient costs seconds of
+    XLA compile (about 18 s for the bundled example's single program, against about 4 s for
+    the one program here).
 
-def _host_lbfgs(f, starts, *, max_iter, tol, fd_step, floor, explore_iter=25, log=None):
-    """:func:`laplace_init`'s steps with one compiled value-and-gradient, driven from Python.
-
-    ``starts`` has shape ``(num_starts, dim)``. Every start takes ``explore_iter`` L-BFGS
-    iterations (or converges first); the start with the lowest potential then continues alone to
-    ``tol`` or ``max_iter``, or until ``STALL_ITER`` iterations in a row leave its potential
-    unchanged (to 1e-10 relative). ``log(start, iteration, potential, gradient norm)`` is called after
-    every iteration when given. Returns the best point, its inverse Hessian, potential, gradient
-    norm, iteration count, and every start's last potential.
+    Every start takes ``explore_iter`` L-BFGS iterations (or converges first); the start with the
+    lowest potential then continues alone, from its point, to ``max_iter`` iterations in all.
+    A search stops when the preconditioned gradient norm is below ``tol`` (SciPy's ``gtol``, a
+    maximum norm, is set to ``tol / sqrt(dim)``), when an iteration lowers the potential by less
+    than ``1e-12`` relative (the potential of an ODE model is only as smooth as its adaptive
+    solves: its gradient has a noise floor that a strict ``tol`` never passes), or when the line
+    search fails (a step into a region where the model fails: the value there is infinite).
+    ``log(start, iteration, potential, gradient norm)`` is called after every iteration when
+    given. Returns the best point, its inverse Hessian, potential, gradient norm, iteration
+    count, and every start's last potential.
     """
-    value_and_grad = jax.jit(jax.value_and_grad(f))
+    from scipy.optimize import minimize
 
-    def grad(x):
-        return value_and_grad(x)[1]
+    dtype = starts.dtype
+    starts = np.asarray(starts, dtype=np.float64)
+    num, dim = starts.shape
+
+    def vg(x):
+        v, g = value_and_grad(jnp.asarray(x, dtype))
+        return float(v), np.asarray(g, dtype=np.float64)
 
     def hessian(x):
-        eye = jnp.eye(x.shape[0]) * fd_step
-        cols = [(grad(x + e) - grad(x - e)) / (2 * fd_step) for e in eye]
-        h = jnp.stack(cols)
-        h = jnp.where(jnp.isfinite(h), h, 0.0)
-        return 0.5 * (h + h.T)
+        eye = np.eye(dim) * fd_step
+        h = np.stack([(vg(x + e)[1] - vg(x - e)[1]) / (2 * fd_step) for e in eye])
+        h = np.where(np.isfinite(h), h, 0.0)
+        return jnp.asarray(0.5 * (h + h.T), dtype)
 
-    p_half, _ = _sqrt_inv(hessian(starts[0]), floor)
-    opt = optax.lbfgs()
-
-    def one_step(y, state, base, done):
-        def g(y):  # the preconditioned objective; its value and gradient reuse the compiled ones
-            v, gr = value_and_grad(base + p_half @ y)
-            return v, p_half.T @ gr
-
-        # the line search differentiates its value function: give it the compiled gradient
-        # instead of letting it differentiate (again) through the solver
-        @jax.custom_vjp
-        def g_value(y):
-            return g(y)[0]
-
-        g_value.defvjp(lambda y: g(y), lambda gr, ct: (ct * gr,))
-        value, gr = g(y)
-        updates, new_state = opt.update(gr, state, y, value=value, grad=gr, value_fn=g_value)
-        new_y = optax.apply_updates(y, updates)
-        keep = done | ~jnp.isfinite(value)  # converged, or a start that went where the model fails
-        new_y = jnp.where(keep, y, new_y)
-        new_state = jax.tree.map(lambda old, new: jnp.where(keep, old, new), state, new_state)
-        return new_y, new_state, jnp.where(jnp.isfinite(value), jnp.linalg.norm(gr), jnp.inf), value
-
-    # One compiled L-BFGS step (the line search inlines the potential's gradient once). Run
-    # eagerly, optax's line-search loop would be traced and compiled anew at every iteration,
-    # which costs minutes per iteration for stiff models and exhausts LLVM's code memory. Starts
-    # are stepped one at a time, not vmap-ed: under vmap every line-search evaluation waits for
-    # the stiffest start's solve (an explicit solver at a stiff prior draw runs to max_steps),
-    # which made one step of an 8-start search of the coupled model take about a minute.
-    step = jax.jit(one_step)
-    num = starts.shape[0]
-    ys = [jnp.zeros_like(x) for x in starts]
-    states = [opt.init(y) for y in ys]
+    p_half = np.asarray(_sqrt_inv(hessian(starts[0]), floor)[0], dtype=np.float64)
+    ys = [np.zeros(dim) for _ in range(num)]
     values = np.full(num, np.inf)
-    done = np.zeros(num, dtype=bool)
-    stuck = np.zeros(num, dtype=bool)
     iters = np.zeros(num, dtype=int)
-    history = [[] for _ in range(num)]
 
-    def stalled(k):
-        # the potential of an ODE model is only as smooth as its adaptive solves: its gradient
-        # has a noise floor (~1e-5 measured on the coupled model at rtol 1e-7) that a strict tol
-        # never passes; stop when STALL_ITER iterations have not lowered the potential
-        h = history[k]
-        return len(h) > STALL_ITER and h[-STALL_ITER - 1] - min(h[-STALL_ITER:]) <= 1e-10 * max(1.0, abs(h[-1]))
+    def search(k, until):
+        seen = {}  # evaluated points -> (value, preconditioned gradient norm), for the callback
 
-    def advance(k, until):
-        while iters[k] < until and not (done[k] or stuck[k] or stalled(k)):
-            ys[k], states[k], gnorm, value = step(ys[k], states[k], starts[k], jnp.asarray(False))
-            gnorm, value = float(gnorm), float(value)
+        def fun(y):
+            v, g = vg(starts[k] + p_half @ y)
+            g = p_half.T @ g
+            if not (np.isfinite(v) and np.all(np.isfinite(g))):
+                v, g = np.inf, np.zeros(dim)
+            seen.clear()
+            seen[y.tobytes()] = (v, float(np.linalg.norm(g)))
+            return v, g
+
+        def callback(intermediate_result):
+            y = intermediate_result.x
+            ys[k] = np.array(y)
             iters[k] += 1
-            values[k] = value if np.isfinite(value) else np.inf
-            history[k].append(values[k])
-            done[k] = gnorm <= tol
-            stuck[k] = not np.isfinite(gnorm)
+            values[k], gnorm = seen.get(y.tobytes(), (float(intermediate_result.fun), np.nan))
             if log is not None:
-                log(k, int(iters[k]), value, gnorm)
+                log(k, int(iters[k]), values[k], gnorm)
+
+        if iters[k] == 0:
+            values[k] = fun(ys[k])[0]
+        if until > iters[k] and np.isfinite(values[k]):
+            minimize(fun, ys[k], jac=True, method="L-BFGS-B", callback=callback,
+                     options={"maxiter": int(until - iters[k]), "gtol": tol / np.sqrt(dim), "ftol": 1e-12})
 
     # every start explores for a few iterations; only the lowest goes on to convergence
     explore = max_iter if num == 1 else min(explore_iter, max_iter)
     for k in range(num):
-        advance(k, explore)
+        search(k, explore)
     best = int(np.argmin(values))
-    advance(best, max_iter)
-    i = int(iters[best])
-    ys = jnp.stack(ys)
+    search(best, max_iter)
     x = starts[best] + p_half @ ys[best]
-    value, gr = value_and_grad(x)
+    value, gr = value_and_grad(jnp.asarray(x, dtype))
     _, inv = _sqrt_inv(hessian(x), floor)
-    return x, inv, value, jnp.linalg.norm(gr), jnp.asarray(i), jnp.asarray(values)
+    return (jnp.asarray(x, dtype), inv, value, jnp.linalg.norm(gr), jnp.asarray(int(iters[best])),
+            jnp.asarray(values, dtype))

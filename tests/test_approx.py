@@ -101,16 +101,16 @@ def _two_modes():
 
 def test_multi_start_explores_every_start_then_refines_only_the_best():
     """From the prior median (0) L-BFGS falls into the nearer, minor mode; the 8-start search
-    explores each start for ``explore_iter`` (here 2) iterations and refines only the lowest, which sits in
+    explores each start for ``explore_iter`` (here 1) iteration and refines only the lowest, which sits in
     the major mode. Every start is logged; only the winner goes past the exploration budget."""
     single = laplace_init(_two_modes, (), key=jax.random.key(0), max_iter=200, tol=1e-9, host_loop=True)
     assert abs(float(single.z_map["x"]) + 2.0) < 0.1 and abs(float(single.z_map["y"]) + 2.0) < 0.1
     seen = {}
     multi = laplace_init(_two_modes, (), key=jax.random.key(0), max_iter=200, tol=1e-9, host_loop=True, num_starts=8,
-                         explore_iter=2, log=lambda k, i, v, g: seen.setdefault(k, []).append(i))
+                         explore_iter=1, log=lambda k, i, v, g: seen.setdefault(k, []).append(i))
     assert abs(float(multi.z_map["x"]) - 4.0) < 0.1 and abs(float(multi.z_map["y"]) - 4.0) < 0.1 and float(multi.grad_norm) < 1e-6
     assert multi.start_potentials.shape == (8,) and float(multi.potential) == pytest.approx(float(multi.start_potentials.min()))
     assert sorted(seen) == list(range(8))
     assert all(its == list(range(1, len(its) + 1)) for its in seen.values())  # consecutive iterations per start
     longest = max(seen, key=lambda k: len(seen[k]))
-    assert len(seen[longest]) > 2 and all(len(v) <= 2 for k, v in seen.items() if k != longest)
+    assert len(seen[longest]) > 1 and all(len(v) <= 1 for k, v in seen.items() if k != longest)

@@ -246,3 +246,27 @@ def test_prediction_is_inlined_only_inside_a_jit_trace():
     jax.jit(jax.grad(probe))(x)
     jax.jit(jax.vmap(probe))(x[:, None])
     assert seen[3:] == [True, True, True]
+
+
+def test_pointwise_intensity_matches_numpyro_log_likelihood_and_samples_the_noise_model(small_problem):
+    """One pass of the model per draw gives numpyro's ``log_likelihood`` to rounding, and
+    predictive draws whose standardised residuals about the predicted trace are N(0, 1)."""
+    from numpyro.handlers import substitute, trace
+    from numpyro.infer import Predictive, log_likelihood
+
+    from inference._fit import pointwise_intensity
+
+    _, problem = small_problem
+    plan = default_plan(probe_kd_nM=15.0)
+    prior = Predictive(imaging_model, num_samples=40)(jax.random.key(3), problem, plan)
+    draws = {k: v for k, v in prior.items() if k not in ("intensity", "solver_failures")}
+    ll, ppc = pointwise_intensity(problem, plan, draws, jax.random.key(4))
+    expected = log_likelihood(imaging_model, draws, problem, plan)["intensity"]
+    assert ll.shape == ppc.shape == (40, 3, 121)
+    np.testing.assert_allclose(np.asarray(ll), np.asarray(expected), rtol=1e-12, atol=1e-12)
+    z = []
+    for i in range(40):
+        fn = trace(substitute(imaging_model, data={k: v[i] for k, v in draws.items()})).get_trace(problem, plan)["intensity"]["fn"]
+        z.append((np.asarray(ppc[i]) - np.asarray(fn.mean)) / np.asarray(fn.base_dist.scale))
+    z = np.concatenate([a.ravel() for a in z])
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.05

@@ -50,6 +50,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optimistix as optx
 
+from ._compat import enable_shard_map_solves
 from ._steady import SteadyStateConfig, steady_state
 
 
@@ -615,12 +616,15 @@ class ODEModel:
         independently (step bound, non-finite state, failed pre-equilibration): a failed row has
         ``ok=False`` and finite placeholders and does not change the other rows. Under ``vmap``
         the adaptive step loop runs until the slowest row is done. With several devices
-        (:func:`row_devices`), the rows are split into one block per device (a ``NamedSharding``
-        constraint; XLA's SPMD partitioner runs each block on its device).
-        With ``solver.layout == "system"`` all rows are one system with shared steps
-        (:class:`ODESolver`; a failed step fails every row); over several devices its rows are
-        laid out the same way, each device stepping its block, the step's error norm reduced
-        across them.
+        (:func:`row_devices`), the rows are split into one share per device, each solved by its
+        device alone (``jax.shard_map``; :mod:`models._compat`).
+        With ``solver.layout == "system"`` the rows are one system with shared steps, or blocks
+        of ``block_rows`` (:class:`ODESolver`; a failed step fails its system or block). In
+        blocks, each device cuts its own share of the rows into blocks (``shard_map``; so the
+        blocks, and the results to within the tolerance, depend on the number of devices unless
+        the shares are whole blocks). As one system (``block_rows`` None, the default on GPUs),
+        the rows are laid out one share per device (``NamedSharding``): each device steps its
+        share, and the step's error norm is reduced across devices at every step.
         """
         solver = solver or self.solver
         ts = jnp.asarray(ts)
@@ -631,16 +635,25 @@ class ODEModel:
         devices = row_devices()
         if len(devices) < 2:
             return solve(values, t0, ts, solver)
-        # rows padded (copies of row 0) to a multiple of the device count and laid out in one block
-        # per device; XLA's SPMD partitioner then runs each block's solves on its own device (the
-        # batched step loop's "any row still running" test is the only cross-device traffic)
+        # rows padded (copies of row 0) to a multiple of the device count, one share per device
         pad = (-rows) % len(devices)
         padded = _pad_rows((values, t0, ts), pad)
         mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
+        size = solver.rows_per_block(devices[0].platform)
+        in_blocks = solver.layout == "system" and size is not None
+        if (solver.layout == "rows" or in_blocks) and enable_shard_map_solves():
+            # rows that step on their own (per row, or per block within each device's share):
+            # each device solves its share alone; no traffic between devices inside the loops
+            spec = jax.sharding.PartitionSpec("rows")
+            ys, ok = jax.shard_map(lambda v, a, b: solve(v, a, b, solver), mesh=mesh, in_specs=(spec, spec, spec),
+                                   out_specs=(spec, spec), check_vma=False)(*padded)
+            return ys[:rows], ok[:rows]
+        # one system over all devices (or equinox unpatched): XLA's SPMD partitioner runs each
+        # device's share of the rows there (the step loop's error norm and "any row still
+        # running" test are the cross-device traffic, at every step)
         spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
         padded = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spread), padded)
-        size = solver.rows_per_block(devices[0].platform)
-        if solver.layout == "system" and size is not None and (rows + pad) // len(devices) > size:
+        if in_blocks and (rows + pad) // len(devices) > size:
             # blocks within each device's share of the rows: one row of devices, vmapped
             shares = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x.reshape((len(devices), -1) + x.shape[1:]), spread),
                                   padded)

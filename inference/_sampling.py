@@ -235,10 +235,9 @@ def _per_device(one_chain, devices, num_chains):
     of chains one after another, all devices at once (one host thread per device).
 
     Every chain goes through the same single-chain program, whatever the number of devices, so
-    the draws are the same bit for bit on 1 or on N devices. (Neither ``jax.shard_map`` nor
-    ``pmap`` can hold the solves: diffrax's closure conversion fails inside them on the current
-    stack, diffrax issue 765; one program over a sharded chain axis would run the chains in
-    lock step, each NUTS tree as deep as the deepest chain's, and not bit-identically.) The
+    the draws are the same bit for bit on 1 or on N devices. (One ``shard_map`` program over a
+    sharded chain axis would run the chains in lock step, each NUTS tree as deep as the deepest
+    chain's, and not bit-identically.) The
     program is compiled once per device. With several processes (``jax.distributed``) each runs
     the chains of its own devices and the results are gathered on every process.
     """

@@ -65,7 +65,7 @@ from data import read_protocol  # noqa: E402
 from inference._fit import SamplerConfig, population_var_names, run_nuts  # noqa: E402
 from inference._model import OBS_LOG_SD, ImagingProblem, default_plan, empirical_refs, imaging_model  # noqa: E402
 from inference._simulate import SimulationSettings, simulate_imaging  # noqa: E402
-from models import SolverConfig, ZincFluxRapidEquilibrium  # noqa: E402
+from models import SolverConfig, ZincFluxRapidEquilibrium, using_row_devices  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,13 +161,16 @@ def memory_of(compiled) -> dict:
     return out
 
 
-def zinckin_gradient(case: Case, repeats: int) -> dict:
-    """Compile time, time per log density and per gradient, memory, at the true point."""
-    f = jax.jit(lambda x: -case.potential(case.unravel(x)))
-    vg = jax.jit(jax.value_and_grad(lambda x: -case.potential(case.unravel(x))))
-    start = time.perf_counter()
-    compiled = vg.lower(case.flat_truth).compile()
-    compile_s = time.perf_counter() - start
+def zinckin_gradient(case: Case, repeats: int, devices: list | None = None) -> dict:
+    """Compile time, time per log density and per gradient, memory, at the true point; the rows
+    (cells) split over ``devices`` (default: the first device only)."""
+    with using_row_devices(devices or jax.devices()[:1]):
+        f = jax.jit(lambda x: -case.potential(case.unravel(x)))
+        vg = jax.jit(jax.value_and_grad(lambda x: -case.potential(case.unravel(x))))
+        start = time.perf_counter()
+        compiled = vg.lower(case.flat_truth).compile()
+        compile_s = time.perf_counter() - start
+        f = f.lower(case.flat_truth).compile()
     logp, grad = compiled(case.flat_truth)
     if not (np.isfinite(float(logp)) and np.all(np.isfinite(np.asarray(grad)))):
         raise RuntimeError(f"zinckin's log density or gradient is not finite at the true point ({case.num_cells} cells).")
@@ -175,6 +178,7 @@ def zinckin_gradient(case: Case, repeats: int) -> dict:
     t_logp = timed(f, case.flat_truth, repeats=repeats)
     return {"cells": case.num_cells, "dim": int(case.flat_truth.size), "compile_s": compile_s, "logp_ms": 1e3 * t_logp,
             "grad_ms": 1e3 * t_grad, "grad_us_per_cell": 1e6 * t_grad / case.num_cells, "logp_at_truth": float(logp),
+            "devices": len(devices or [None]), "grad_at_truth": np.asarray(grad),
             **memory_of(compiled)}
 
 
@@ -463,6 +467,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['cells']} | {r['dim']} | {r['compile_s']:.1f} | {r['logp_ms']:.2f} | {r['grad_ms']:.2f} | "
                      f"{r['grad_us_per_cell']:.0f} | {'-' if mem is None else f'{mem:.0f}'} | "
                      f"{'-' if stan_ms is None else f'{stan_ms:.1f}'} | {'-' if z_nuts is None else f'{z_nuts:.2f}'} | {ratio} |")
+    if results.get("gradient_devices"):
+        lines += ["", "## Cells split over several devices (same run; against the one-device rows above)", "",
+                  "| cells | devices | compile (s) | gradient (ms) | gradient per cell (us) | speed-up over one device "
+                  "| max relative difference of log density and gradient |", "|---|---|---|---|---|---|---|"]
+        for r in results["gradient_devices"]:
+            lines.append(f"| {r['cells']} | {r['devices']} | {r['compile_s']:.1f} | {r['grad_ms']:.2f} | "
+                         f"{r['grad_us_per_cell']:.0f} | {r['speedup']:.2f} | {r['max_rel_diff']:.1e} |")
     if results.get("agreement"):
         lines += ["", f"## Log-density agreement (before timing; both solved at rtol {TIGHT[0]:g}, atol {TIGHT[1]:g})", "",
                   "| cells | point | zinckin | Stan | relative difference | relative difference at the benchmark's tolerance |",
@@ -525,8 +536,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--tolerance", type=float, default=1e-6, help="largest relative log-density difference accepted")
+    ap.add_argument("--cpu-devices", type=int, default=0, metavar="K",
+                    help="make K CPU devices (one per core) and time the gradient with the cells split over all of "
+                         "them too, against one device in the same run (K > 1; before anything else uses jax)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
     results = {"environment": environment(), "rtol": args.rtol, "atol": args.atol, "gradient": [], "agreement": {},
                "nuts": [], "ratios": [], "stan_build_s": None}
@@ -541,9 +557,20 @@ def main(argv=None) -> int:
         cases[n] = make_case(n, rtol=args.rtol, atol=args.atol)
     for n in args.cells:
         row = zinckin_gradient(cases[n], args.repeats)
+        base_grad = row.pop("grad_at_truth")
         results["gradient"].append(row)
         print(f"zinckin N={n}: compile {row['compile_s']:.1f} s, log density {row['logp_ms']:.2f} ms, gradient "
               f"{row['grad_ms']:.2f} ms ({row['grad_us_per_cell']:.0f} us per cell)", flush=True)
+        if len(jax.devices()) > 1:
+            many = zinckin_gradient(cases[n], args.repeats, devices=jax.devices())
+            grad = many.pop("grad_at_truth")
+            many["speedup"] = row["grad_ms"] / many["grad_ms"]
+            many["max_rel_diff"] = max(abs(many["logp_at_truth"] - row["logp_at_truth"]) / abs(row["logp_at_truth"]),
+                                       float(np.max(np.abs(grad - base_grad)) / np.max(np.abs(base_grad))))
+            results.setdefault("gradient_devices", []).append(many)
+            print(f"zinckin N={n} over {many['devices']} devices: gradient {many['grad_ms']:.2f} ms "
+                  f"({many['grad_us_per_cell']:.0f} us per cell), {many['speedup']:.2f}x one device; "
+                  f"log density and gradient differ by {many['max_rel_diff']:.1e} relative", flush=True)
         write_results(args.out, results)
 
     posteriors = {}

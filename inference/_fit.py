@@ -104,15 +104,17 @@ class FitResult:
     approximation: Approximation | None = None
 
 
-def find_map(model, model_args, *, key, num_starts: int = 1, **kwargs) -> LaplaceInit:
+def find_map(model, model_args, *, key, num_starts: int = 1, host_loop: bool = True, **kwargs) -> LaplaceInit:
     """MAP and Laplace covariance (:func:`inference._laplace.laplace_init`) from ``num_starts`` starts.
 
-    The L-BFGS iterations and Hessian columns are driven from the host around one compiled value
-    and gradient of the potential (``host_loop``: one copy of the ODE gradient to compile instead
-    of one per place a single jitted search would evaluate it). Several starts: the prior
-    medians plus ``num_starts - 1`` prior draws, each explored briefly, the lowest refined.
+    ``host_loop`` (the default; always with several starts): the L-BFGS iterations and Hessian
+    columns are driven from the host around one compiled value and gradient of the potential,
+    one copy of the ODE gradient to compile instead of one per place a single jitted search
+    evaluates it. Otherwise one jitted optax search. Several starts: the prior medians plus
+    ``num_starts - 1`` prior draws, each explored briefly, the lowest refined.
     """
-    return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=True, **kwargs)
+    return laplace_init(model, model_args, key=key, num_starts=num_starts, host_loop=host_loop or num_starts > 1,
+                        **kwargs)
 
 
 @chain_layout

@@ -88,7 +88,8 @@ def laplace_init(model, model_args, *, key, max_iter: int = 150, tol: float = 1e
     columns and the L-BFGS iterations (SciPy's L-BFGS-B, :func:`_host_lbfgs`) from Python. For
     ODE models the single program inlines the gradient several times (two Hessians, the line
     search, the final gradient) and its compile dominates; the host loop compiles it once, at
-    the cost of a host round trip per evaluation (outside any sampling loop). The fits use it.
+    the cost of a host round trip per evaluation (outside any sampling loop). The imaging and
+    custom-model fits use it (the transcript fit, from one start, does not: ``inference/_transcripts.py``).
 
     ``num_starts > 1`` (host loop only): multi-start search. The prior-median start and
     ``num_starts - 1`` draws from the prior (numpyro's ``init_to_sample``, redrawn where the

@@ -150,8 +150,11 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
         adapt_mass_matrix=config.adapt_mass_matrix,
         step_size=LAPLACE_STEP_SIZE,
     )
+    # the deterministic sites (a forward solve of every cell) come from assemble_tree's pass over
+    # the draws, not from the sampling program: one solve less to compile there
     samples, extra = sample_nuts(kernel, config, key=k_mcmc, model_args=(problem, plan), init_params=init_params,
-                                 extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint)
+                                 extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint,
+                                 deterministic=False)
     tree = assemble_tree(problem, plan, samples, extra, key=k_ppc, cell_id=cell_id,
                          max_tree_depth=config.max_tree_depth)
     tree.attrs["method"] = "nuts"
@@ -220,12 +223,16 @@ def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
 
 
 def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: dict, key):
-    """Log likelihood of every observation and one posterior predictive draw of every frame, per draw.
+    """Log likelihood of every observation, one posterior predictive draw of every frame, and the
+    deterministic sites, per draw.
 
     One pass of the model per draw (``lax.map``, one compiled program): the likelihood site's
     distribution gives both its log density at the data (0 where the mask drops a frame, as
     numpyro's ``log_likelihood``) and a draw of the noise model (every frame, masked or not, as
-    ``Predictive`` with ``predictive=True``). Returns two ``(draw, cell, time)`` arrays.
+    ``Predictive`` with ``predictive=True``); the same pass gives the deterministic sites
+    (``zc_nM``, ``solver_failures``, the per-cell values), so that NUTS need not compute them in
+    its sampling program. Returns two ``(draw, cell, time)`` arrays and a dict of the
+    deterministic sites, leading dimension ``draw``.
     """
     keys = jax.random.split(key, next(iter(samples.values())).shape[0])
 
@@ -233,8 +240,10 @@ def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: d
     def run(samples, keys):
         def one(args):
             sample, k = args
-            site = trace(substitute(imaging_model, data=sample)).get_trace(problem, plan)["intensity"]
-            return site["fn"].log_prob(site["value"]), site["fn"].sample(k)
+            tr = trace(substitute(imaging_model, data=sample)).get_trace(problem, plan)
+            site = tr["intensity"]
+            det = {name: s["value"] for name, s in tr.items() if s["type"] == "deterministic"}
+            return site["fn"].log_prob(site["value"]), site["fn"].sample(k), det
 
         return jax.lax.map(one, (samples, keys))
 
@@ -248,11 +257,14 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     flat = _flatten({k: v for k, v in samples.items() if k not in ("solver_failures",)})
     flat_j = {k: jnp.asarray(v) for k, v in flat.items()}
-    ll, ppc = pointwise_intensity(problem, plan, flat_j, key)
+    ll, ppc, det = pointwise_intensity(problem, plan, flat_j, key)
 
     def by_chain(a):
         a = np.asarray(a)
         return a.reshape((num_chains, num_draws) + a.shape[1:])
+
+    # NUTS leaves the deterministic sites out of its draws (run_nuts): they come from this pass
+    samples.update({k: by_chain(v) for k, v in det.items() if k not in samples})
 
     posterior = {k: v for k, v in samples.items() if k != "solver_failures"}
     stats = sample_stats(extra, samples["solver_failures"], max_tree_depth)

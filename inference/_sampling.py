@@ -114,7 +114,7 @@ def _concat(chunks):
     return {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
 
 
-def _chunk_program(kernel, sampler, model_args, extra_fields, length: int):
+def _chunk_program(kernel, sampler, model_args, extra_fields, length: int, deterministic: bool = True):
     """``run_chunk(state, n, keep) -> (state, (draws, fields))``: ``n <= length`` NUTS transitions of every chain.
 
     One compiled program for the whole fit: ``n`` and ``keep`` are traced, so warmup pieces and
@@ -126,8 +126,15 @@ def _chunk_program(kernel, sampler, model_args, extra_fields, length: int):
     (``fields``) of each transition are written into buffers ``(chain, length, ...)`` and
     returned as host arrays ``(chain, n, ...)``; without it (warmup) they are not computed (the
     deterministic sites can hold a full ODE solve) and ``None`` is returned in their place.
+    ``deterministic=False`` leaves the deterministic sites out of ``draws`` (a caller that
+    computes them after sampling saves their solve in this program's compile).
     """
-    postprocess = kernel.postprocess_fn(model_args, {})
+    if deterministic:
+        postprocess = kernel.postprocess_fn(model_args, {})
+    else:
+        from numpyro.infer.util import constrain_fn
+
+        postprocess = functools.partial(constrain_fn, kernel.model, model_args, {}, return_deterministic=False)
     getters = {name: operator.attrgetter(name) for name in extra_fields}
     devices = chain_devices(sampler)
     # vectorized chains: kernel.init batched kernel.sample over chains, so the loop carries all chains
@@ -361,7 +368,7 @@ def replay_failures(kernel, sampler, model_args, final_state, start: dict, field
 
 
 def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, progress_bar=True,
-                checkpoint: Checkpointing | None = None):
+                checkpoint: Checkpointing | None = None, deterministic: bool = True):
     """Run NUTS; returns ``(samples, extra)``, both dicts of arrays grouped by chain ``(chain, draw, ...)``.
 
     The chains start from :func:`_initial_state` (numpyro's ``kernel.init``, keys as ``MCMC``
@@ -379,6 +386,8 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
     init_params : unconstrained starting points, leading dim ``num_chains``.
     extra_fields : numpyro extra fields to collect (``diverging`` among them).
     checkpoint : where to save progress (:class:`Checkpointing`); None samples in one piece.
+    deterministic : whether the draws include the model's deterministic sites (False: the caller
+        computes them after sampling).
     """
     cp = checkpoint
     chunk_size = sampler.num_samples if cp is None else max(1, min(cp.chunk_size, sampler.num_samples))
@@ -401,11 +410,11 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
         kernel.init(keys, sampler.num_warmup, starts, model_args, {})
         state, start = _from_host(ck["state"]), ck["start"]
         samples, extra = list(ck["samples"]), list(ck["extra"])
-        run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields, chunk_size)
+        run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields, chunk_size, deterministic)
     else:
         state, samples, extra = _initial_state(kernel, sampler, key, model_args, init_params), [], []
         # after kernel.init: it builds the kernel's sample and postprocess functions
-        run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields, chunk_size)
+        run_chunk = _chunk_program(kernel, sampler, model_args, extra_fields, chunk_size, deterministic)
         devices = chain_devices(sampler)
         where = f" on {len(devices)} device(s)" if devices else ""
         # with a progress display, warmup in quarters (the same program; the chain does not change)

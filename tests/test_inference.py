@@ -249,8 +249,9 @@ def test_prediction_is_inlined_only_inside_a_jit_trace():
 
 
 def test_pointwise_intensity_matches_numpyro_log_likelihood_and_samples_the_noise_model(small_problem):
-    """One pass of the model per draw gives numpyro's ``log_likelihood`` to rounding, and
-    predictive draws whose standardised residuals about the predicted trace are N(0, 1)."""
+    """One pass of the model per draw gives numpyro's ``log_likelihood`` to rounding, the model's
+    deterministic sites, and predictive draws whose standardised residuals about the predicted
+    trace are N(0, 1)."""
     from numpyro.handlers import substitute, trace
     from numpyro.infer import Predictive, log_likelihood
 
@@ -260,10 +261,19 @@ def test_pointwise_intensity_matches_numpyro_log_likelihood_and_samples_the_nois
     plan = default_plan(probe_kd_nM=15.0)
     prior = Predictive(imaging_model, num_samples=40)(jax.random.key(3), problem, plan)
     draws = {k: v for k, v in prior.items() if k not in ("intensity", "solver_failures")}
-    ll, ppc = pointwise_intensity(problem, plan, draws, jax.random.key(4))
+    from numpyro.handlers import seed
+
+    latent = {k for k, s in trace(seed(imaging_model, 0)).get_trace(problem, plan).items()
+              if s["type"] == "sample" and not s["is_observed"]}
+    sampled = {k: v for k, v in draws.items() if k in latent}
+    ll, ppc, det = pointwise_intensity(problem, plan, sampled, jax.random.key(4))
     expected = log_likelihood(imaging_model, draws, problem, plan)["intensity"]
     assert ll.shape == ppc.shape == (40, 3, 121)
     np.testing.assert_allclose(np.asarray(ll), np.asarray(expected), rtol=1e-12, atol=1e-12)
+    # the deterministic sites, from the sample sites alone, are the model's own
+    assert {"zc_nM", "solver_failures", "f_max"} <= set(det)
+    for k in set(det) & set(prior):
+        np.testing.assert_allclose(np.asarray(det[k]), np.asarray(prior[k]), rtol=1e-12, atol=1e-12)
     z = []
     for i in range(40):
         fn = trace(substitute(imaging_model, data={k: v[i] for k, v in draws.items()})).get_trace(problem, plan)["intensity"]["fn"]

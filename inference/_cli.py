@@ -70,6 +70,55 @@ DISTRIBUTED_ENV = {"coordinator_address": ("ZINCKIN_COORDINATOR_ADDRESS", "JAX_C
                    "process_id": ("ZINCKIN_PROCESS_ID", "JAX_PROCESS_ID")}
 
 
+def _wants_distributed(runtime) -> bool:
+    import os
+
+    return runtime.distributed is not None or any(os.environ.get(v) for v in DISTRIBUTED_ENV["coordinator_address"])
+
+
+def _cpu_device_per_core(runtime) -> bool:
+    """Before jax starts: one CPU device per core (``jax_num_cpu_devices``), so that a fit of
+    many cells can solve them on every core (:func:`_cells_over_cores`); returns whether it did.
+
+    Not when the CPU device count is already set (``--xla_force_host_platform_device_count`` in
+    ``$XLA_FLAGS``: the user's choice), in a multi-process job, on one core, or when jax has
+    already started in this process (zinckin called from Python). Until
+    :func:`_cells_over_cores` widens it, batched solves stay on the first device.
+    """
+    import os
+
+    import jax
+
+    from models import set_row_devices
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores < 2 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
+            or _wants_distributed(runtime):
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", cores)
+    except RuntimeError:  # jax has started in this process: its devices stay as they are
+        return False
+    if jax.default_backend() != "cpu":
+        return False
+    set_row_devices(jax.devices()[:1])
+    return True
+
+
+def _cells_over_cores(num_cells: int) -> None:
+    """After :func:`_cpu_device_per_core`: split the cells over every CPU device when each gets
+    at least :data:`models.CPU_MIN_ROWS_PER_DEVICE` (below that the split is slower).
+    """
+    import jax
+
+    from models import CPU_MIN_ROWS_PER_DEVICE, set_row_devices
+
+    devices = jax.devices()
+    if num_cells >= CPU_MIN_ROWS_PER_DEVICE * len(devices):
+        set_row_devices(devices)
+        print(f"cells over {len(devices)} CPU devices (one per core)", flush=True)
+
+
 def _distributed(runtime) -> bool:
     """Join a multi-process job (``jax.distributed.initialize``) when ``[runtime.distributed]`` or
     ``$ZINCKIN_COORDINATOR_ADDRESS`` (or ``$JAX_COORDINATOR_ADDRESS``) asks for one; returns
@@ -85,10 +134,9 @@ def _distributed(runtime) -> bool:
 
     from ._config import DistributedSection
 
-    section = runtime.distributed
-    if section is None and not any(os.environ.get(v) for v in DISTRIBUTED_ENV["coordinator_address"]):
+    if not _wants_distributed(runtime):
         return False
-    section = section or DistributedSection()
+    section = runtime.distributed or DistributedSection()
     kwargs = {}
     for field, names in DISTRIBUTED_ENV.items():
         value = getattr(section, field)
@@ -529,6 +577,7 @@ def cmd_fit(args) -> int:
     )
 
     run = _start_run(args)
+    per_core = _cpu_device_per_core(run.config.runtime)
     _set_precision(run)
     _compilation_cache(run.config.runtime)
     with run.timer.phase("load"):
@@ -542,6 +591,8 @@ def cmd_fit(args) -> int:
         return _fit_custom(args, run, loaded[1])
     config, dataset, plan = loaded
     problem = build_problem(dataset, config.solver_config())
+    if per_core and config.sampler.chain_method != "sharded":
+        _cells_over_cores(problem.num_cells)
     sampler = config.sampler_config()
     method = config.sampler.method
     warnings = precision_warnings(config.runtime.precision, method=method, rtol=config.solver.rtol)

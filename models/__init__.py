@@ -25,6 +25,7 @@ from ._coupled import (
 )
 from ._custom import (
     CPU_BLOCK_ROWS as CPU_BLOCK_ROWS,
+    CPU_MIN_ROWS_PER_DEVICE as CPU_MIN_ROWS_PER_DEVICE,
     TIME_UNITS as TIME_UNITS,
     LogNormal as LogNormal,
     ModelError as ModelError,

@@ -220,6 +220,12 @@ def _pad_rows(tree, pad: int):
 CPU_BLOCK_ROWS = 64
 """Rows per system of the system layout on a CPU, with ``block_rows="auto"`` (docs/performance.md)."""
 
+CPU_MIN_ROWS_PER_DEVICE = 256
+"""Fewest rows per CPU device for which ``zinckin fit`` splits the cells over one device per core:
+measured on 2 cores, the imaging gradient over 2 devices was 1.47x faster at 512 cells (256 per
+device) and 2.06x at 4,096, but 0.65x at 64 and 0.50x at 8 (a fixed cost per call;
+docs/performance.md)."""
+
 
 def check_block_rows(value, error=ValueError) -> None:
     """Raise ``error`` unless ``value`` is a positive integer, None or ``"auto"``."""

@@ -122,3 +122,50 @@ def test_a_malformed_multi_process_setting_is_a_clear_error_before_any_work(tmp_
     err = capsys.readouterr().err
     assert "$ZINCKIN_NUM_PROCESSES = 'two' is not a whole number" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+CORES_SCRIPT = """
+import json, os
+from inference._cli import _cells_over_cores, _cpu_device_per_core
+from inference._config import RuntimeSection
+import models
+made = _cpu_device_per_core(RuntimeSection())
+import jax
+out = {"made": made, "devices": jax.device_count(), "rows_before": len(models.row_devices())}
+_cells_over_cores(models.CPU_MIN_ROWS_PER_DEVICE * jax.device_count() - 1)
+out["rows_few"] = len(models.row_devices())
+_cells_over_cores(models.CPU_MIN_ROWS_PER_DEVICE * jax.device_count())
+out["rows_many"] = len(models.row_devices())
+print(json.dumps(out))
+"""
+
+
+def test_fit_makes_one_cpu_device_per_core_and_splits_only_many_cells(tmp_path):
+    """In a fresh process on a CPU: one jax device per core (here 2, as the cores allow), batched
+    solves on the first device until each device would get ``CPU_MIN_ROWS_PER_DEVICE`` cells, then
+    on all; an explicit ``--xla_force_host_platform_device_count`` is left alone; and in a process
+    where jax has already started, nothing changes and nothing fails."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    (tmp_path / "s.py").write_text(CORES_SCRIPT)
+    runs = {}
+    for name, flags in (("auto", None), ("user", "--xla_force_host_platform_device_count=1")):
+        env = dict(_env(), **({"XLA_FLAGS": flags} if flags else {}))
+        res = subprocess.run([sys.executable, str(tmp_path / "s.py")], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    auto, user = runs["auto"], runs["user"]
+    if cores >= 2:
+        assert auto == {"made": True, "devices": cores, "rows_before": 1, "rows_few": 1, "rows_many": cores}
+    else:
+        assert auto["made"] is False and auto["devices"] == 1
+    assert user["made"] is False and user["devices"] == 1
+    import jax
+
+    from inference._cli import _cpu_device_per_core
+    from inference._config import RuntimeSection
+
+    jax.devices()  # jax has started in this process
+    assert _cpu_device_per_core(RuntimeSection()) is False

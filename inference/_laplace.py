@@ -202,22 +202,22 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
     iters = np.zeros(num, dtype=int)
 
     def search(k, until):
-        seen = {}  # evaluated points -> (value, preconditioned gradient norm), for the callback
+        last = {}  # the last evaluation (L-BFGS-B accepts the last point its line search tried)
 
         def fun(y):
             v, g = vg(starts[k] + p_half @ y)
             g = p_half.T @ g
             if not (np.isfinite(v) and np.all(np.isfinite(g))):
                 v, g = np.inf, np.zeros(dim)
-            seen.clear()
-            seen[y.tobytes()] = (v, float(np.linalg.norm(g)))
+            last.update(y=y.copy(), value=v, gnorm=float(np.linalg.norm(g)))
             return v, g
 
         def callback(intermediate_result):
             y = intermediate_result.x
             ys[k] = np.array(y)
             iters[k] += 1
-            values[k], gnorm = seen.get(y.tobytes(), (float(intermediate_result.fun), np.nan))
+            hit = "y" in last and np.array_equal(last["y"], y)
+            values[k], gnorm = (last["value"], last["gnorm"]) if hit else (float(intermediate_result.fun), np.nan)
             if log is not None:
                 log(k, int(iters[k]), values[k], gnorm)
 

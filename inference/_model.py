@@ -169,8 +169,9 @@ def predict(problem: ImagingProblem, params: ZincFluxParams, obs: FluorescencePa
     Called outside any trace (numpyro runs the model eagerly when it initialises the MAP, the
     chain starts and each chain's sampler), it runs one program compiled once per problem;
     otherwise each such call would compile the solve again, its vector field being a new closure.
-    Inside a trace it is inlined into the caller's program (a nested ``jit`` there makes XLA's
-    compile of the MAP and NUTS programs several times slower).
+    Inside a trace it is inlined into the caller's program. (A nested ``jit`` there measured
+    several times slower to compile the MAP and NUTS programs, in a comparison that a warm
+    compilation cache may have skewed; docs/performance.md. It was not repeated.)
     """
     if _inside_jit((problem, params, obs)):
         return _predict(problem, params, obs)

@@ -61,14 +61,16 @@ class Approximation:
     method : ``"laplace"`` or ``"svi"``.
     samples : constrained draws of every latent and deterministic site, leading shape
         ``(1, num_draws)`` (one pseudo-chain).
-    loc, scale_tril : the Gaussian's mean and Cholesky factor in unconstrained space.
+    loc, scale_tril : the Gaussian's mean and Cholesky factor in unconstrained space
+        (``scale_tril`` None for the Laplace approximation with the block-arrow metric, whose
+        covariance is never formed: ``info["metric"]`` says which).
     info : figures for the run summary (MAP gradient norm, ELBO, skipped steps, ...).
     """
 
     method: str
     samples: dict
     loc: np.ndarray
-    scale_tril: np.ndarray
+    scale_tril: np.ndarray | None
     info: dict
 
 
@@ -76,12 +78,14 @@ def gaussian_draws(model, model_args, z_like: dict, loc, scale_tril, *, key, num
                    parallel: bool = True) -> dict:
     """``num_draws`` draws of N(loc, L L^T) in unconstrained space, constrained, with deterministic sites.
 
-    Returns arrays with a leading ``(1, num_draws)``. ``parallel=False`` maps over draws with
-    ``lax.map`` (models that branch on solver success, where ``vmap`` would run both branches).
+    ``scale_tril`` is ``L`` (a matrix) or a whitening factor with ``apply(u) = L u``
+    (:mod:`inference._metric`). Returns arrays with a leading ``(1, num_draws)``.
+    ``parallel=False`` maps over draws with ``lax.map`` (models that branch on solver success,
+    where ``vmap`` would run both branches).
     """
     _, unravel = ravel_pytree(z_like)
     eps = jax.random.normal(key, (num_draws, loc.shape[0]), dtype=loc.dtype)
-    flats = loc + eps @ scale_tril.T
+    flats = loc + (jax.vmap(scale_tril.apply)(eps) if hasattr(scale_tril, "apply") else eps @ scale_tril.T)
 
     def one(f):
         return constrain_fn(model, model_args, {}, unravel(f), return_deterministic=True)
@@ -94,6 +98,11 @@ def laplace_approximation(model, model_args, laplace: LaplaceInit, *, key, num_d
                           parallel: bool = True) -> Approximation:
     """Draws of the Laplace approximation at ``laplace``'s MAP."""
     dim = laplace.flat_map.shape[0]
+    if laplace.inverse_mass_matrix is None:  # the block-arrow metric: draws through its whitening
+        samples = gaussian_draws(model, model_args, laplace.z_map, laplace.flat_map, laplace.factor, key=key,
+                                 num_draws=num_draws, parallel=parallel)
+        return Approximation(method="laplace", samples=samples, loc=np.asarray(laplace.flat_map), scale_tril=None,
+                             info=_map_info(laplace))
     chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(dim))
     samples = gaussian_draws(model, model_args, laplace.z_map, laplace.flat_map, chol, key=key, num_draws=num_draws,
                              parallel=parallel)
@@ -108,6 +117,10 @@ def fit_svi(model, model_args, laplace: LaplaceInit, *, key, settings: SVISettin
     The guide's initial mean is the MAP and its initial Cholesky factor the Laplace covariance's,
     so the optimisation starts from the better of the two cheap answers and only refines it.
     """
+    if laplace.inverse_mass_matrix is None:
+        raise ValueError("method = 'svi' fits a full-rank Gaussian (dim x dim) and starts from the dense Laplace "
+                         "covariance; this MAP has the block-arrow metric. Fix: set [sampler] metric = \"dense\" "
+                         "(memory grows as the square of the number of cells), or use method = 'map' or 'nuts'.")
     k_svi, k_draw = jax.random.split(key)
     dim = laplace.flat_map.shape[0]
     guide = AutoMultivariateNormal(model)
@@ -154,6 +167,6 @@ def approximate(model, model_args, laplace: LaplaceInit, *, method: str, key, nu
 
 
 def _map_info(laplace: LaplaceInit) -> dict:
-    return {"map_potential": float(laplace.potential), "map_grad_norm": float(laplace.grad_norm),
+    return {"map_potential": float(laplace.potential), "map_grad_norm": float(laplace.grad_norm), "metric": laplace.metric,
             "map_iterations": int(laplace.num_iter),
             "map_start_potentials": [float(v) for v in np.asarray(laplace.start_potentials)]}

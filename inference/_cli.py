@@ -619,7 +619,9 @@ def cmd_fit(args) -> int:
     print(json.dumps(diag))
     record = {"method": result.tree.attrs["method"], "diagnostics": diag, "config": config.model_dump(mode="json"),
               "config_file": run.config_file, "fixed": plan.fixed, "per_cell": list(plan.per_cell),
-              "warnings": warnings}
+              "warnings": warnings,
+              "map": {"potential": float(result.laplace.potential), "grad_norm": float(result.laplace.grad_norm),
+                      "iterations": int(result.laplace.num_iter), "metric": result.laplace.metric}}
     from ._model import imaging_model
 
     return _finish(run, record, result, names, (imaging_model, (problem, plan)))

@@ -108,6 +108,9 @@ class SamplerSection(_Strict):
     max_tree_depth: int = Field(default=8, ge=1, le=12)
     chain_method: Literal["sequential", "vectorized", "sharded"] = "sequential"
     adapt_mass_matrix: bool = False
+    # the Laplace metric: "dense" matrix, "block" (block-arrow over cells, never formed; for many
+    # cells), "auto" (block from 64 cells); docs/inference.md
+    metric: Literal["auto", "dense", "block"] = "auto"
     # "nuts"; or a quick Gaussian approximation: "map" (MAP + Laplace), "svi" (full-rank ELBO fit)
     method: Literal["nuts", "map", "svi"] = "nuts"
     map_starts: int = Field(default=1, ge=1)  # L-BFGS starts: the prior medians + (map_starts - 1) prior draws
@@ -289,6 +292,7 @@ class TranscriptSamplerSection(SamplerSection):
     # transcript posteriors have few dimensions and scales that the MAP's curvature misses
     # (noise and random-effect sds near 0): re-estimating the dense metric in warmup pays.
     adapt_mass_matrix: bool = True
+    metric: Literal["auto", "dense"] = "auto"  # the block-arrow metric is for imaging cells; dense here
 
 
 class TranscriptFitConfig(_Strict):
@@ -376,6 +380,7 @@ class CustomSamplerSection(SamplerSection):
     # heavy-tailed priors (half-Cauchy) that the MAP's curvature misrepresents.
     adapt_mass_matrix: bool = True
     map_starts: int = Field(default=8, ge=1)  # oscillating and threshold models have local optima
+    metric: Literal["auto", "dense"] = "auto"  # the block-arrow metric is for imaging cells; dense here
 
 
 class CustomFitConfig(_Strict):

@@ -17,6 +17,7 @@ from models import PARAM_SPECS, SolverConfig, ZincFluxRapidEquilibrium
 
 from ._approx import Approximation, SVISettings, approximate
 from ._laplace import LaplaceInit, laplace_init
+from ._metric import METRICS, WHITENED_SITE, Whitened
 from ._model import ImagingProblem, ParameterPlan, empirical_refs, imaging_model
 from ._sampling import Checkpointing, chain_layout, sample_nuts
 
@@ -35,8 +36,13 @@ class SamplerConfig(eqx.Module):
         each device's chains one after another; rows of batched solves are then not split;
         :func:`inference._sampling.chain_devices`). numpyro's ``"parallel"`` fails with diffrax on
         current versions.
-    adapt_mass_matrix : whether warmup re-estimates the (dense) metric; by default the Laplace
-        metric from the MAP is kept and only the step size is adapted.
+    adapt_mass_matrix : whether warmup re-estimates the metric (dense; diagonal in the whitened
+        coordinates of the block metric); by default the Laplace metric from the MAP is kept and
+        only the step size is adapted.
+    metric : the Laplace metric: ``"dense"`` (the inverse Hessian as a matrix, its Hessian from
+        ``2 dim`` gradients), ``"block"`` (the same inverse, never formed: the block-arrow Hessian
+        over cells from 36 gradients and NUTS in whitened coordinates; :mod:`inference._metric`)
+        or ``"auto"`` (block from :data:`inference._metric.BLOCK_METRIC_MIN_CELLS` cells).
     """
 
     num_warmup: int = 300
@@ -46,6 +52,7 @@ class SamplerConfig(eqx.Module):
     max_tree_depth: int = 8
     chain_method: str = "sequential"
     adapt_mass_matrix: bool = False
+    metric: str = "auto"
 
     def __check_init__(self):
         if self.num_warmup < 1 or self.num_samples < 1:
@@ -58,6 +65,8 @@ class SamplerConfig(eqx.Module):
             raise ValueError(f"max_tree_depth must be in 1..12, got {self.max_tree_depth}.")
         if self.chain_method not in ("sequential", "vectorized", "sharded"):
             raise ValueError(f"chain_method must be 'sequential', 'vectorized' or 'sharded', got {self.chain_method!r}.")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}.")
 
 
 def build_problem(dataset: ImagingDataset, solver: SolverConfig = SolverConfig()) -> ImagingProblem:
@@ -133,51 +142,76 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
     With ``checkpoint``, sampling saves its progress and can resume (:mod:`inference._sampling`).
     """
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
-    laplace = find_map(imaging_model, (problem, plan), key=k_init, num_starts=map_starts)
+    laplace = find_map(imaging_model, (problem, plan), key=k_init, num_starts=map_starts, metric=config.metric,
+                       log=_map_progress if progress_bar else None)
+    if progress_bar:
+        print(f"MAP: potential {float(laplace.potential):.6g} after {int(laplace.num_iter)} L-BFGS iterations "
+              f"(gradient norm {float(laplace.grad_norm):.3g}); {laplace.metric} Laplace metric", flush=True)
     if method != "nuts":
         approx = approximate(imaging_model, (problem, plan), laplace, method=method, key=k_mcmc,
                              num_draws=approx_draws, svi=svi, progress_bar=progress_bar)
         tree = assemble_tree(problem, plan, approx.samples, None, key=k_ppc, cell_id=cell_id, max_tree_depth=0)
         tree.attrs["method"] = approx.method
         return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace, approximation=approx)
-    init_params = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(imaging_model, problem, plan))
-    kernel = NUTS(
-        imaging_model,
-        target_accept_prob=config.target_accept_prob,
-        max_tree_depth=config.max_tree_depth,
-        dense_mass=True,
-        inverse_mass_matrix=laplace.inverse_mass_matrix,
-        adapt_mass_matrix=config.adapt_mass_matrix,
-        step_size=LAPLACE_STEP_SIZE,
-    )
+    whitened = laplace.metric == "block"
+    init_params = chain_starts(laplace, config.num_chains, key=k_jitter, potential_model=(imaging_model, problem, plan),
+                               whitened=whitened)
+    settings = dict(target_accept_prob=config.target_accept_prob, max_tree_depth=config.max_tree_depth,
+                    adapt_mass_matrix=config.adapt_mass_matrix, step_size=LAPLACE_STEP_SIZE)
+    if whitened:  # NUTS on u, x = MAP + W u, with a unit metric: the Laplace metric W W^T on x
+        space = Whitened(imaging_model, (problem, plan), laplace.flat_map, laplace.factor)
+        kernel = NUTS(space.model, dense_mass=False, **settings)
+    else:
+        kernel = NUTS(imaging_model, dense_mass=True, inverse_mass_matrix=laplace.inverse_mass_matrix, **settings)
     # the deterministic sites (a forward solve of every cell) come from assemble_tree's pass over
     # the draws, not from the sampling program: one solve less to compile there
     samples, extra = sample_nuts(kernel, config, key=k_mcmc, model_args=(problem, plan), init_params=init_params,
                                  extra_fields=EXTRA_FIELDS, progress_bar=progress_bar, checkpoint=checkpoint,
                                  deterministic=False)
+    if whitened:
+        samples = space.draws(samples[WHITENED_SITE])
     tree = assemble_tree(problem, plan, samples, extra, key=k_ppc, cell_id=cell_id,
                          max_tree_depth=config.max_tree_depth)
     tree.attrs["method"] = "nuts"
+    tree.attrs["metric"] = laplace.metric
     return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace)
 
 
-def chain_starts(laplace: LaplaceInit, num_chains: int, *, key, potential_model, scale: float = 0.5):
+def _map_progress(start: int, iteration: int, potential: float, grad_norm: float) -> None:
+    if iteration % 25 == 0:
+        print(f"MAP search (start {start}): iteration {iteration}, potential {potential:.6g}", flush=True)
+
+
+def chain_starts(laplace: LaplaceInit, num_chains: int, *, key, potential_model, scale: float = 0.5,
+                 whitened: bool = False):
     """Dispersed chain starts: MAP + ``scale`` * Laplace draws, MAP wherever that is not finite.
 
     Over-dispersed starts keep R-hat meaningful; each start is checked against the potential so
     that no chain begins where the ODE solve fails. ``potential_model`` is ``(model, *model_args)``.
+    ``whitened``: the starts as ``{WHITENED_SITE: u}`` for a :class:`inference._metric.Whitened`
+    model (``MAP + W u`` is the point), instead of the model's unconstrained sites.
     """
     from numpyro.infer.util import potential_energy
 
     model, *model_args = potential_model
-    chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(laplace.flat_map.shape[0]))
-    eps = jax.random.normal(key, (num_chains, laplace.flat_map.shape[0]))
-    flats = laplace.flat_map + scale * eps @ chol.T
+    dim = laplace.flat_map.shape[0]
+    eps = scale * jax.random.normal(key, (num_chains, dim))
+    if whitened or laplace.inverse_mass_matrix is None:
+        eps = eps.astype(laplace.flat_map.dtype)
+        flats = laplace.flat_map + jax.vmap(laplace.factor.apply)(eps)
+    else:
+        chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(dim))
+        flats = laplace.flat_map + eps @ chol.T
     _, unravel = ravel_pytree(laplace.z_map)
 
     if laplace.value_and_grad is not None:  # the MAP search's compiled potential: nothing more to compile
-        finite = [bool(np.isfinite(laplace.value_and_grad(flat)[0])) for flat in flats]
-        flats = jnp.where(jnp.asarray(finite)[:, None], flats, laplace.flat_map)
+        finite = jnp.asarray([bool(np.isfinite(laplace.value_and_grad(flat)[0])) for flat in flats])
+        flats = jnp.where(finite[:, None], flats, laplace.flat_map)
+        if whitened:
+            starts = {WHITENED_SITE: jnp.where(finite[:, None], eps, 0.0)}
+            return jax.tree.map(lambda a: a[0], starts) if num_chains == 1 else starts
+    elif whitened:
+        raise ValueError("whitened chain starts need the MAP search's compiled potential (host_loop=True).")
     else:
         @jax.jit
         def check(flat):

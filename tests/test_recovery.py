@@ -37,12 +37,16 @@ def _simultaneous_intervals(tree, names):
     return {n: (joint.loc[n, lo_col], joint.loc[n, hi_col]) for n in names}
 
 
-def test_recovers_population_parameters_from_16_cells():
+@pytest.mark.parametrize("metric", ["dense", "block"])
+def test_recovers_population_parameters_from_16_cells(metric):
+    """NUTS from the MAP with the dense Laplace metric, and with the block-arrow one (NUTS in
+    whitened coordinates, inference/_metric.py; the default from 64 cells)."""
     sim, problem, plan = _simulated_16_cells()
     t0 = time.perf_counter()
-    fit = run_nuts(problem, plan, SamplerConfig(num_warmup=150, num_samples=250, num_chains=2),
+    fit = run_nuts(problem, plan, SamplerConfig(num_warmup=150, num_samples=250, num_chains=2, metric=metric),
                    key=jax.random.key(0), cell_id=[f"c{i}" for i in range(16)], progress_bar=False)
     print(f"fit took {time.perf_counter() - t0:.0f} s")
+    assert fit.laplace.metric == fit.tree.attrs["metric"] == metric
     names = population_var_names(plan)
     # R-hat on every population parameter
     table = summary(fit.tree, var_names=names, ci_prob=0.9, ci_kind="eti", round_to="none")

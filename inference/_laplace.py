@@ -34,6 +34,9 @@ from ._metric import (
 
 # L-BFGS iterations between Hessian (preconditioner) refreshes of the host loop
 REFRESH_ITER = 20
+# block-arrow Newton steps: the largest step of one cell's (or the population's) coordinates, in
+# standard deviations of the local Laplace approximation (a trust region per cell)
+NEWTON_CAP = 100.0
 
 
 class LaplaceInit(eqx.Module):
@@ -133,7 +136,7 @@ def laplace_init(model, model_args, *, key, max_iter: int = 150, tol: float = 1e
     members of the plate ``plate`` interact only through the coordinates outside it, from
     ``2 (k + p) + 2`` gradients, and its structured whitening (:mod:`inference._metric`;
     ``inverse_mass_matrix`` is then None, ``factor`` a :class:`~inference._metric.BlockFactor`,
-    used as the preconditioner too); ``"auto"``, block from
+    and the search takes Newton steps with it, see :func:`_host_lbfgs`); ``"auto"``, block from
     :data:`~inference._metric.BLOCK_METRIC_MIN_CELLS` plate members (with the host loop), dense
     otherwise.
 
@@ -238,8 +241,19 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
     solves: its gradient has a noise floor that a strict ``tol`` never passes), or when the line
     search fails (a step into a region where the model fails: the value there is infinite).
     ``log(start, iteration, potential, gradient norm)`` is called after every iteration when
-    given. With a ``layout``, the Hessians are block-arrow (:func:`inference._metric.block_hessian`)
-    and the preconditioner is their structured whitening. Returns the best point, the whitening
+    given.
+
+    With a ``layout`` (the block-arrow metric) the search is Newton's method instead: each
+    iteration takes the block-arrow Hessian (38 gradients for the imaging model,
+    :func:`inference._metric.block_hessian`), the step ``-W W^T g`` with each cell's whitened
+    step (and the population's) capped at :data:`NEWTON_CAP` standard deviations, and a
+    backtracking (Armijo) line search; it stops when ``|W^T g| <= tol``, on a relative decrease
+    below ``1e-12``, or when the line search fails. L-BFGS with one step length for all cells is
+    held back by the cells farthest from their optimum: on 4,096 simulated cells it was still
+    far from the MAP after 150 iterations (7.7 evaluations each). Newton's step is right for
+    every cell at once, and the cap keeps a cell far from its optimum (hundreds of sd at the
+    prior medians) from shortening everyone's step: 32 iterations on 512 cells, to the same
+    potential as the L-BFGS rounds (196271.34). Returns the best point, the whitening
     ``W`` of its metric, its dense inverse Hessian (None with a ``layout``), its potential,
     gradient norm, iteration count, and every start's last potential.
     """
@@ -253,10 +267,13 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
         v, g = value_and_grad(jnp.asarray(x, dtype))
         return float(v), np.asarray(g, dtype=np.float64)
 
-    def metric(x):
-        """(factor, inverse Hessian or None, W as a NumPy function, W^T as one) at x."""
+    def metric(x, check=False):
+        """(factor, inverse Hessian or None, W as a NumPy function, W^T as one) at x; the block-arrow
+        structure is checked (``check``) at the MAP only, not in the preconditioners on the way.
+        """
         if layout is not None:
-            factor = block_factor(layout, *block_hessian(lambda y: vg(y)[1], x, layout, fd_step), floor, dtype)
+            factor = block_factor(layout, *block_hessian(lambda y: vg(y)[1], x, layout, fd_step, check=check), floor,
+                                  dtype)
             return (factor, None, lambda y: np.asarray(_apply(factor, jnp.asarray(y, dtype)), np.float64),
                     lambda g: np.asarray(_apply_t(factor, jnp.asarray(g, dtype)), np.float64))
         eye = np.eye(dim) * fd_step
@@ -273,11 +290,54 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
     values = np.full(num, np.inf)
     iters = np.zeros(num, dtype=int)
 
+    def newton(k, until):
+        """Block-arrow Newton steps, each block's whitened step capped at NEWTON_CAP (a trust region per cell)."""
+        x = centres[k] + metrics[k][2](ys[k])
+        v, g = vg(x)
+        values[k] = v
+        while iters[k] < until and np.isfinite(v):
+            if iters[k] > 0 or k > 0:  # start 0's first Hessian is the one computed at starts[0]
+                metrics[k] = metric(x)
+            _, _, apply, apply_t = metrics[k]
+            u = -apply_t(g)
+            if np.linalg.norm(u) <= tol:
+                break
+            for index in (layout.cell_index, layout.pop_index[None]):
+                norms = np.linalg.norm(u[index], axis=-1, keepdims=True)
+                u[index] *= np.minimum(1.0, NEWTON_CAP / np.maximum(norms, 1e-300))
+            d = apply(u)
+            slope, t = float(g @ d), 1.0
+            while t >= 1e-6:  # backtracking (Armijo); a failed solve is an infinite value
+                v_new, g_new = vg(x + t * d)
+                if np.isfinite(v_new) and np.all(np.isfinite(g_new)) and v_new <= v + 1e-4 * t * slope:
+                    break
+                t *= 0.5
+            else:
+                break
+            x, decrease, v, g = x + t * d, v - v_new, v_new, g_new
+            iters[k] += 1
+            values[k] = v
+            if log is not None:
+                log(k, int(iters[k]), v, float(np.linalg.norm(u)))
+            if decrease <= 1e-12 * abs(v):  # the solver-noise floor of the potential
+                break
+        centres[k], ys[k] = x, np.zeros(dim)
+
     def search(k, until):
+        if layout is not None:
+            return newton(k, until)
         while True:
             stop = min(until, iters[k] + refresh) if refresh else until
-            status = _search_round(k, stop)
-            if not refresh or status != 1 or iters[k] >= until:  # 1: stopped at maxiter, not converged
+            before, value_before = iters[k], values[k]
+            gnorm = _search_round(k, stop)
+            # A round ends at its iteration cap, on convergence, on a relative decrease below ftol,
+            # or on a failed line search. The last two also happen far from the optimum, where
+            # the L-BFGS model of the round has gone bad (measured at 4,096 cells: stalled at a
+            # gradient norm of 5e8). Unless the preconditioned gradient is below tol, a round
+            # that lowered the potential is followed by another, with the Hessian where it ended.
+            progress = values[k] < value_before and (not np.isfinite(value_before)
+                                                     or value_before - values[k] > 1e-9 * abs(value_before))
+            if not refresh or gnorm <= tol or iters[k] == before or not progress or iters[k] >= until:
                 return
             centres[k] = centres[k] + metrics[k][2](ys[k])  # re-centre and precondition with the Hessian here
             ys[k] = np.zeros(dim)
@@ -307,9 +367,10 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
         if iters[k] == 0:
             values[k] = fun(ys[k])[0]
         if not (until > iters[k] and np.isfinite(values[k])):
-            return 0
-        return minimize(fun, ys[k], jac=True, method="L-BFGS-B", callback=callback,
-                        options={"maxiter": int(until - iters[k]), "gtol": tol / np.sqrt(dim), "ftol": 1e-12}).status
+            return 0.0
+        res = minimize(fun, ys[k], jac=True, method="L-BFGS-B", callback=callback,
+                       options={"maxiter": int(until - iters[k]), "gtol": tol / np.sqrt(dim), "ftol": 1e-12})
+        return float(np.linalg.norm(res.jac)) if np.all(np.isfinite(res.jac)) else np.inf
 
     # every start explores for a few iterations; only the lowest goes on to convergence
     explore = max_iter if num == 1 else min(explore_iter, max_iter)
@@ -319,6 +380,6 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
     search(best, max_iter)
     x = centres[best] + metrics[best][2](ys[best])
     value, gr = value_and_grad(jnp.asarray(x, dtype))
-    factor, inv, _, _ = metrics[best] if not ys[best].any() and metrics[best] is not first else metric(x)
+    factor, inv, _, _ = metric(x, check=True)
     return (jnp.asarray(x, dtype), factor, inv, value, jnp.linalg.norm(gr), jnp.asarray(int(iters[best])),
             jnp.asarray(values, dtype))

@@ -21,6 +21,7 @@ import operator
 import os
 import pickle
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -390,6 +391,7 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
         computes them after sampling).
     """
     cp = checkpoint
+    began = time.perf_counter()
     chunk_size = sampler.num_samples if cp is None else max(1, min(cp.chunk_size, sampler.num_samples))
 
     def save(state, start, samples, extra, done):
@@ -426,7 +428,7 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
             warmed += n
             if progress_bar:
                 print(f"warmup: {warmed}/{sampler.num_warmup} iterations per chain "
-                      f"({sampler.num_chains} chain(s){where})", flush=True)
+                      f"({sampler.num_chains} chain(s){where}; {time.perf_counter() - began:.0f} s)", flush=True)
         start = _position(state)
         if sampler.num_chains == 1:
             start = jax.tree.map(lambda x: x[None], start)
@@ -441,7 +443,8 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
         done += n
         save(state, start, samples, extra, done)
         if cp is not None and progress_bar:
-            print(f"sampled {done}/{sampler.num_samples} draws per chain (checkpoint saved)", flush=True)
+            print(f"sampled {done}/{sampler.num_samples} draws per chain (checkpoint saved; "
+                  f"{time.perf_counter() - began:.0f} s)", flush=True)
     fields = {k: (np.concatenate([e[k] for e in extra], axis=1) if k != "_z" else
                   {s: np.concatenate([e["_z"][s] for e in extra], axis=1) for s in extra[0]["_z"]})
               for k in extra[0]}

@@ -145,7 +145,8 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
     laplace = find_map(imaging_model, (problem, plan), key=k_init, num_starts=map_starts, metric=config.metric,
                        log=_map_progress if progress_bar else None)
     if progress_bar:
-        print(f"MAP: potential {float(laplace.potential):.6g} after {int(laplace.num_iter)} L-BFGS iterations "
+        search = "Newton" if laplace.metric == "block" else "L-BFGS"
+        print(f"MAP: potential {float(laplace.potential):.6g} after {int(laplace.num_iter)} {search} iterations "
               f"(gradient norm {float(laplace.grad_norm):.3g}); {laplace.metric} Laplace metric", flush=True)
     if method != "nuts":
         approx = approximate(imaging_model, (problem, plan), laplace, method=method, key=k_mcmc,

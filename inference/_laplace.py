@@ -51,7 +51,7 @@ class LaplaceInit(eqx.Module):
         block-arrow metric, whose inverse is never formed.
     potential : potential energy (-log joint) at the MAP.
     grad_norm : gradient norm at the MAP (small when the optimiser converged).
-    num_iter : L-BFGS iterations used.
+    num_iter : L-BFGS (dense metric) or Newton (block metric) iterations used.
     start_potentials : last potential of every start of a multi-start search (after its
         exploration iterations; the MAP's after its full search); one entry for a single start.
     value_and_grad : the compiled potential's value and gradient at a flat unconstrained point

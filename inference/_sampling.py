@@ -427,6 +427,7 @@ def sample_nuts(kernel, sampler, *, key, model_args, init_params, extra_fields, 
             state, _ = run_chunk(state, n, keep=False)
             warmed += n
             if progress_bar:
+                jax.block_until_ready(state)  # dispatch is asynchronous: report the iterations done
                 print(f"warmup: {warmed}/{sampler.num_warmup} iterations per chain "
                       f"({sampler.num_chains} chain(s){where}; {time.perf_counter() - began:.0f} s)", flush=True)
         start = _position(state)

@@ -240,3 +240,18 @@ def test_nuts_in_whitened_coordinates_samples_the_exact_gaussian_posterior():
     ratio = extra["num_steps"].mean() / dense_extra["num_steps"].mean()
     print(f"leapfrog steps per draw: whitened {extra['num_steps'].mean():.2f}, dense {dense_extra['num_steps'].mean():.2f}")
     assert 0.85 < ratio < 1.15
+
+
+def test_the_metric_setting_is_checked_and_only_imaging_fits_take_the_block_form():
+    import pydantic
+
+    from inference._config import CustomSamplerSection, SamplerSection, TranscriptSamplerSection
+
+    assert SamplerSection(metric="block").nuts().metric == "block"
+    assert SamplerSection().nuts().metric == "auto"
+    for section in (TranscriptSamplerSection, CustomSamplerSection):
+        assert section(metric="dense").metric == "dense"
+        with pytest.raises(pydantic.ValidationError):
+            section(metric="block")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        SamplerConfig(metric="diagonal")

@@ -41,7 +41,7 @@ class SamplerConfig(eqx.Module):
         only the step size is adapted.
     metric : the Laplace metric: ``"dense"`` (the inverse Hessian as a matrix, its Hessian from
         ``2 dim`` gradients), ``"block"`` (the same inverse, never formed: the block-arrow Hessian
-        over cells from 36 gradients and NUTS in whitened coordinates; :mod:`inference._metric`)
+        over cells from 36 gradients, 2 more to check it, and NUTS in whitened coordinates; :mod:`inference._metric`)
         or ``"auto"`` (block from :data:`inference._metric.BLOCK_METRIC_MIN_CELLS` cells).
     """
 

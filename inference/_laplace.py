@@ -244,7 +244,8 @@ def _host_lbfgs(value_and_grad, starts, *, max_iter, tol, fd_step, floor, explor
     given.
 
     With a ``layout`` (the block-arrow metric) the search is Newton's method instead: each
-    iteration takes the block-arrow Hessian (38 gradients for the imaging model,
+    iteration takes the block-arrow Hessian (36 gradients for the imaging model; 2 more check the
+    structure at the MAP,
     :func:`inference._metric.block_hessian`), the step ``-W W^T g`` with each cell's whitened
     step (and the population's) capped at :data:`NEWTON_CAP` standard deviations, and a
     backtracking (Armijo) line search; it stops when ``|W^T g| <= tol``, on a relative decrease

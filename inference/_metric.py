@@ -299,10 +299,14 @@ class Whitened:
             raise ValueError(f"the model's latent sites hold {flat.shape[0]} unconstrained values, the MAP "
                              f"{flat_map.shape[0]}.")
 
+    def _sites(self, u):
+        """The unconstrained and the constrained latent sites of ``model`` at ``u`` (flat ``(dim,)``)."""
+        z = self.unravel(self.flat_map + self.factor.apply(u))
+        return z, {name: t(z[name]) for name, t in self.transforms.items()}
+
     def point(self, u) -> dict:
         """The constrained latent sites of ``model`` at ``u`` (one point, flat ``(dim,)``)."""
-        z = self.unravel(self.flat_map + self.factor.apply(u))
-        return {name: t(z[name]) for name, t in self.transforms.items()}
+        return self._sites(u)[1]
 
     def model(self, *args, **kwargs):
         import numpyro
@@ -312,8 +316,7 @@ class Whitened:
 
         dim = self.flat_map.shape[0]
         u = numpyro.sample(WHITENED_SITE, dist.ImproperUniform(constraints.real_vector, (), (dim,)))
-        z = self.unravel(self.flat_map + self.factor.apply(u))
-        values = {name: t(z[name]) for name, t in self.transforms.items()}
+        z, values = self._sites(u)
         numpyro.factor("laplace_log_det", sum(jnp.sum(t.log_abs_det_jacobian(z[name], values[name]))
                                               for name, t in self.transforms.items()))
         return condition(self.inner, values)(*args, **kwargs)

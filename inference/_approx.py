@@ -75,43 +75,46 @@ class Approximation:
 
 
 def gaussian_draws(model, model_args, z_like: dict, loc, scale_tril, *, key, num_draws: int,
-                   parallel: bool = True) -> dict:
+                   parallel: bool = True, deterministic: bool = True) -> dict:
     """``num_draws`` draws of N(loc, L L^T) in unconstrained space, constrained, with deterministic sites.
 
     ``scale_tril`` is ``L`` (a matrix) or a whitening factor with ``apply(u) = L u``
     (:mod:`inference._metric`). Returns arrays with a leading ``(1, num_draws)``.
     ``parallel=False`` maps over draws with ``lax.map`` (models that branch on solver success,
-    where ``vmap`` would run both branches).
+    where ``vmap`` would run both branches). ``deterministic=False``: the latent sites only, no
+    model solve (the imaging fit computes its deterministic sites in its own pass over the
+    draws, keeping the per-frame ones for the cells it keeps).
     """
     _, unravel = ravel_pytree(z_like)
     eps = jax.random.normal(key, (num_draws, loc.shape[0]), dtype=loc.dtype)
     flats = loc + (jax.vmap(scale_tril.apply)(eps) if hasattr(scale_tril, "apply") else eps @ scale_tril.T)
 
     def one(f):
-        return constrain_fn(model, model_args, {}, unravel(f), return_deterministic=True)
+        return constrain_fn(model, model_args, {}, unravel(f), return_deterministic=deterministic)
 
     draws = jax.jit(jax.vmap(one) if parallel else (lambda fs: jax.lax.map(one, fs)))(flats)
     return {k: np.asarray(v)[None] for k, v in draws.items()}
 
 
 def laplace_approximation(model, model_args, laplace: LaplaceInit, *, key, num_draws: int = 2000,
-                          parallel: bool = True) -> Approximation:
+                          parallel: bool = True, deterministic: bool = True) -> Approximation:
     """Draws of the Laplace approximation at ``laplace``'s MAP."""
     dim = laplace.flat_map.shape[0]
     if laplace.inverse_mass_matrix is None:  # the block-arrow metric: draws through its whitening
         samples = gaussian_draws(model, model_args, laplace.z_map, laplace.flat_map, laplace.factor, key=key,
-                                 num_draws=num_draws, parallel=parallel)
+                                 num_draws=num_draws, parallel=parallel, deterministic=deterministic)
         return Approximation(method="laplace", samples=samples, loc=np.asarray(laplace.flat_map), scale_tril=None,
                              info=_map_info(laplace))
     chol = jnp.linalg.cholesky(laplace.inverse_mass_matrix + 1e-12 * jnp.eye(dim))
     samples = gaussian_draws(model, model_args, laplace.z_map, laplace.flat_map, chol, key=key, num_draws=num_draws,
-                             parallel=parallel)
+                             parallel=parallel, deterministic=deterministic)
     return Approximation(method="laplace", samples=samples, loc=np.asarray(laplace.flat_map), scale_tril=np.asarray(chol),
                          info=_map_info(laplace))
 
 
 def fit_svi(model, model_args, laplace: LaplaceInit, *, key, settings: SVISettings = SVISettings(),
-            num_draws: int = 2000, progress_bar: bool = False, parallel: bool = True) -> Approximation:
+            num_draws: int = 2000, progress_bar: bool = False, parallel: bool = True,
+            deterministic: bool = True) -> Approximation:
     """Full-rank Gaussian SVI started at the Laplace approximation; see the module docstring.
 
     The guide's initial mean is the MAP and its initial Cholesky factor the Laplace covariance's,
@@ -150,19 +153,23 @@ def fit_svi(model, model_args, laplace: LaplaceInit, *, key, settings: SVISettin
             "elbo_initial": float(-losses[0]) if finite[0] else float("nan"),
             "nonfinite_steps": int((~finite).sum())}
     samples = gaussian_draws(model, model_args, laplace.z_map, loc, scale_tril, key=k_draw, num_draws=num_draws,
-                             parallel=parallel)
+                             parallel=parallel, deterministic=deterministic)
     return Approximation(method="svi", samples=samples, loc=np.asarray(loc), scale_tril=np.asarray(scale_tril),
                          info=info)
 
 
 def approximate(model, model_args, laplace: LaplaceInit, *, method: str, key, num_draws: int = 2000,
-                svi: SVISettings = SVISettings(), progress_bar: bool = False, parallel: bool = True) -> Approximation:
-    """``method`` ``"map"`` (Laplace) or ``"svi"``: see :func:`laplace_approximation`, :func:`fit_svi`."""
+                svi: SVISettings = SVISettings(), progress_bar: bool = False, parallel: bool = True,
+                deterministic: bool = True) -> Approximation:
+    """``method`` ``"map"`` (Laplace) or ``"svi"``: see :func:`laplace_approximation`, :func:`fit_svi`.
+    ``deterministic``: whether the draws include the model's deterministic sites (:func:`gaussian_draws`).
+    """
     if method == "map":
-        return laplace_approximation(model, model_args, laplace, key=key, num_draws=num_draws, parallel=parallel)
+        return laplace_approximation(model, model_args, laplace, key=key, num_draws=num_draws, parallel=parallel,
+                                     deterministic=deterministic)
     if method == "svi":
         return fit_svi(model, model_args, laplace, key=key, settings=svi, num_draws=num_draws,
-                       progress_bar=progress_bar, parallel=parallel)
+                       progress_bar=progress_bar, parallel=parallel, deterministic=deterministic)
     raise ValueError(f"method must be one of {APPROX_METHODS}, got {method!r}.")
 
 

@@ -603,7 +603,7 @@ def cmd_fit(args) -> int:
     with run.timer.phase("fit"):
         result = run_nuts(problem, plan, sampler, key=jax.random.key(config.seed), cell_id=tr.cell_id,
                           progress_bar=not args.no_progress, checkpoint=run.checkpointing() if method == "nuts" else None,
-                          **_method_kwargs(config.sampler))
+                          predictive_cells=config.output.predictive_cells, **_method_kwargs(config.sampler))
     with run.timer.phase("write"):
         names = population_var_names(plan)
         summary = population_summary(result.tree, names)

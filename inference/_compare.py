@@ -6,6 +6,10 @@ observations, in the same order, with the same values, or the comparison means n
 refused. The table is arviz's: ``rank``, ``elpd`` (higher is better), ``p`` (effective number of
 parameters), ``elpd_diff`` and its standard error ``dse`` against the best run, stacking
 ``weight`` and ``warning`` (Pareto k above its threshold somewhere).
+
+Where one of the imaging runs kept its log likelihood per cell (``[output] predictive_cells``
+below its number of cells), every run is compared per cell: leave-one-cell-out, each cell's log
+likelihood summed over its frames.
 """
 
 import warnings
@@ -19,7 +23,7 @@ import pandas as pd
 import xarray as xr
 
 from ._output import atomic_write
-from ._review import pointwise
+from ._review import pointwise, pointwise_unit
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:
@@ -40,12 +44,20 @@ def compare_runs(run_dirs: list[Path], out: Path) -> pd.DataFrame:
     """
     data = {}
     first_label, first_obs = None, None
-    for label, d in zip(_labels(run_dirs), run_dirs):
+    trees = []
+    for d in run_dirs:
         tree = xr.open_datatree(Path(d) / "posterior.nc", engine="h5netcdf")
         if "log_likelihood" not in tree.children:
             raise ValueError(f"{d}: its posterior.nc has no log_likelihood group, so LOO cannot be computed. "
                              "Fix: refit it with this zinckin.")
-        pw = pointwise(tree)
+        trees.append(tree)
+    # a fit that kept its log likelihood per cell (many cells): every run is compared per cell
+    unit = "cell" if any(pointwise_unit(t) == "cell" for t in trees) else "obs"
+    for label, d, tree in zip(_labels(run_dirs), run_dirs, trees):
+        try:
+            pw = pointwise(tree, unit=unit)
+        except ValueError as e:
+            raise ValueError(f"{d}: {e}") from None
         obs = np.asarray(pw["observed_data"]["y"])
         if first_obs is None:
             first_label, first_obs = label, obs

@@ -129,7 +129,8 @@ def find_map(model, model_args, *, key, num_starts: int = 1, host_loop: bool = T
 @chain_layout
 def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig, *, key,
              cell_id, progress_bar: bool = True, checkpoint: Checkpointing | None = None, method: str = "nuts",
-             map_starts: int = 1, approx_draws: int = 2000, svi: SVISettings = SVISettings()) -> FitResult:
+             map_starts: int = 1, approx_draws: int = 2000, svi: SVISettings = SVISettings(),
+             predictive_cells: str | int = "auto") -> FitResult:
     """Fit the hierarchical imaging model and collect every output group.
 
     ``method="nuts"``: NUTS started at the MAP with the Laplace metric. ``"map"`` or ``"svi"``:
@@ -140,6 +141,8 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
     ``posterior_predictive``, ``log_likelihood``, ``sample_stats`` (with ``solver_failures``
     per draw), ``observed_data`` and ``constant_data``, with dims ``cell`` and ``time``.
     With ``checkpoint``, sampling saves its progress and can resume (:mod:`inference._sampling`).
+    ``predictive_cells``: the cells whose per-frame outputs are kept (:func:`assemble_tree`); the
+    default ``"auto"`` keeps every cell's while they fit in :data:`PREDICTIVE_BUDGET` values.
     """
     k_init, k_jitter, k_mcmc, k_ppc = jax.random.split(key, 4)
     laplace = find_map(imaging_model, (problem, plan), key=k_init, num_starts=map_starts, metric=config.metric,
@@ -150,8 +153,9 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
               f"(gradient norm {float(laplace.grad_norm):.3g}); {laplace.metric} Laplace metric", flush=True)
     if method != "nuts":
         approx = approximate(imaging_model, (problem, plan), laplace, method=method, key=k_mcmc,
-                             num_draws=approx_draws, svi=svi, progress_bar=progress_bar)
-        tree = assemble_tree(problem, plan, approx.samples, None, key=k_ppc, cell_id=cell_id, max_tree_depth=0)
+                             num_draws=approx_draws, svi=svi, progress_bar=progress_bar, deterministic=False)
+        tree = assemble_tree(problem, plan, approx.samples, None, key=k_ppc, cell_id=cell_id, max_tree_depth=0,
+                             predictive_cells=predictive_cells)
         tree.attrs["method"] = approx.method
         return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace, approximation=approx)
     whitened = laplace.metric == "block"
@@ -172,7 +176,7 @@ def run_nuts(problem: ImagingProblem, plan: ParameterPlan, config: SamplerConfig
     if whitened:
         samples = space.draws(samples[WHITENED_SITE])
     tree = assemble_tree(problem, plan, samples, extra, key=k_ppc, cell_id=cell_id,
-                         max_tree_depth=config.max_tree_depth)
+                         max_tree_depth=config.max_tree_depth, predictive_cells=predictive_cells)
     tree.attrs["method"] = "nuts"
     tree.attrs["metric"] = laplace.metric
     return FitResult(tree=tree, plan=plan, problem=problem, laplace=laplace)
@@ -257,7 +261,33 @@ def sample_stats(extra: dict, solver_failures, max_tree_depth: int) -> dict:
     return stats
 
 
-def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: dict, key):
+#: ``predictive_cells = "auto"`` keeps the per-frame outputs of every cell while each
+#: ``(draw, cell, time)`` array holds at most this many values (256 MiB in float64)
+PREDICTIVE_BUDGET = 2**25
+
+
+def predictive_subset(setting: str | int, num_cells: int, num_draws: int, num_frames: int) -> np.ndarray | None:
+    """Indices of the cells whose per-frame outputs a fit keeps, or ``None`` for every cell.
+
+    ``setting``: ``"all"``; a number of cells; or ``"auto"``, every cell while
+    ``num_draws * num_cells * num_frames <= PREDICTIVE_BUDGET``, else as many cells as that
+    budget holds (at least 1). A subset is spread evenly over the cells' order.
+    """
+    if setting == "all":
+        return None
+    if setting == "auto":
+        keep = max(1, PREDICTIVE_BUDGET // max(1, num_draws * num_frames))
+    elif isinstance(setting, (int, np.integer)) and not isinstance(setting, bool) and setting >= 1:
+        keep = int(setting)
+    else:
+        raise ValueError(f'predictive_cells must be "auto", "all" or a number of cells >= 1, got {setting!r}.')
+    if keep >= num_cells:
+        return None
+    return np.unique(np.linspace(0, num_cells - 1, keep).round().astype(int))
+
+
+def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: dict, key,
+                        keep: np.ndarray | None = None):
     """Log likelihood of every observation, one posterior predictive draw of every frame, and the
     deterministic sites, per draw.
 
@@ -268,8 +298,15 @@ def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: d
     (``zc_nM``, ``solver_failures``, the per-cell values), so that NUTS need not compute them in
     its sampling program. Returns two ``(draw, cell, time)`` arrays and a dict of the
     deterministic sites, leading dimension ``draw``.
+
+    ``keep`` (cell indices): the log likelihood is summed over each cell's frames, ``(draw,
+    cell)`` for every cell, and the predictive draws and the per-frame deterministic sites
+    (``zc_nM``) are kept for the cells in ``keep`` only, ``(draw, len(keep), time)``, inside the
+    compiled pass, so memory grows with ``len(keep)``, not with the cells. The kept values equal
+    those of the full pass with the same ``key``.
     """
     keys = jax.random.split(key, next(iter(samples.values())).shape[0])
+    idx = None if keep is None else jnp.asarray(keep)
 
     @jax.jit
     def run(samples, keys):
@@ -278,7 +315,11 @@ def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: d
             tr = trace(substitute(imaging_model, data=sample)).get_trace(problem, plan)
             site = tr["intensity"]
             det = {name: s["value"] for name, s in tr.items() if s["type"] == "deterministic"}
-            return site["fn"].log_prob(site["value"]), site["fn"].sample(k), det
+            ll, pp = site["fn"].log_prob(site["value"]), site["fn"].sample(k)
+            if idx is None:
+                return ll, pp, det
+            det = {name: v[idx] if v.shape == ll.shape else v for name, v in det.items()}
+            return ll.sum(-1), pp[idx], det
 
         return jax.lax.map(one, (samples, keys))
 
@@ -286,20 +327,31 @@ def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: d
 
 
 def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, extra: dict | None, *,
-                  key, cell_id, max_tree_depth: int) -> xr.DataTree:
-    """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields."""
+                  key, cell_id, max_tree_depth: int, predictive_cells: str | int = "all") -> xr.DataTree:
+    """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields.
+
+    ``predictive_cells`` (:func:`predictive_subset`): where it keeps a subset of the cells, the
+    tree's ``log_likelihood`` holds each cell's log likelihood summed over its frames (dim
+    ``cell``, attribute ``pointwise = "cell"``), and ``posterior_predictive/intensity`` and
+    ``posterior/zc_nM`` hold the kept cells only, on dim ``predictive_cell`` (coordinate: their
+    ids). Otherwise every group is per frame on dims ``cell``, ``time``. Either way the
+    attribute ``predictive_cells`` of the tree says how many cells have per-frame outputs.
+    """
     samples = {k: np.asarray(v) for k, v in samples.items()}
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     flat = _flatten({k: v for k, v in samples.items() if k not in ("solver_failures",)})
     flat_j = {k: jnp.asarray(v) for k, v in flat.items()}
-    ll, ppc, det = pointwise_intensity(problem, plan, flat_j, key)
+    keep = predictive_subset(predictive_cells, problem.num_cells, num_chains * num_draws, problem.time_min.shape[0])
+    ll, ppc, det = pointwise_intensity(problem, plan, flat_j, key, keep)
 
     def by_chain(a):
         a = np.asarray(a)
         return a.reshape((num_chains, num_draws) + a.shape[1:])
 
     # NUTS leaves the deterministic sites out of its draws (run_nuts): they come from this pass
-    samples.update({k: by_chain(v) for k, v in det.items() if k not in samples})
+    # (nor do run_nuts's draws of an approximation; a caller's draws that carry them keep theirs, but
+    # the per-frame ones are replaced by the pass's, which hold the kept cells only)
+    samples.update({k: by_chain(v) for k, v in det.items() if k not in samples or v.shape[1:] == ppc.shape[1:]})
 
     posterior = {k: v for k, v in samples.items() if k != "solver_failures"}
     stats = sample_stats(extra, samples["solver_failures"], max_tree_depth)
@@ -320,8 +372,9 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
     cells = [f"{n}_z" for n in plan.per_cell] + [f"{n}_cell" for n in plan.per_cell] + list(CELL_SITES)
     cells = [c for c in cells if c in posterior]
     dims = {name: ["cell"] for name in cells}
+    frames = ["cell", "time"] if keep is None else ["predictive_cell", "time"]
     dims.update({
-        "zc_nM": ["cell", "time"], "intensity": ["cell", "time"], "mask": ["cell", "time"],
+        "zc_nM": frames, "intensity": ["cell", "time"], "mask": ["cell", "time"],
         "time_min": ["time"], "f_min_ref": ["cell"], "f_max_ref": ["cell"], "sigma_ref": ["cell"],
         "segment_start_min": ["segment"], "segment_zn_ext_uM": ["segment"],
     })
@@ -330,20 +383,25 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
         "time": np.asarray(problem.time_min),
         "segment": list(protocol.kind),
     }
-    tree = from_dict(
-        {
-            "posterior": posterior,
-            "posterior_predictive": {"intensity": by_chain(ppc)},
-            "log_likelihood": {"intensity": by_chain(ll)},
-            "sample_stats": stats,
-            "observed_data": {"intensity": observed},
-            "constant_data": constant,
-        },
-        coords=coords,
-        dims=dims,
-    )
+    if keep is not None:
+        coords["predictive_cell"] = [cell_id[i] for i in keep]
+    groups = {
+        "posterior": posterior,
+        "log_likelihood": {"intensity": by_chain(ll)},
+        "sample_stats": stats,
+        "observed_data": {"intensity": observed},
+        "constant_data": constant,
+    }
+    if keep is None:
+        groups["posterior_predictive"] = {"intensity": by_chain(ppc)}
+    tree = from_dict(groups, coords=coords, dims=dims)
+    if keep is not None:  # its own dims: "intensity" is on ("cell", "time") in observed_data
+        tree["posterior_predictive"] = from_dict({"posterior_predictive": {"intensity": by_chain(ppc)}},
+                                                 coords=coords, dims={"intensity": frames})["posterior_predictive"]
+        tree["log_likelihood"].attrs["pointwise"] = "cell"
     tree.attrs.update({"time_unit": "min", "model": "ZincFluxRapidEquilibrium",
-                       "parameterization": "centered" if plan.centered else "noncentered"})
+                       "parameterization": "centered" if plan.centered else "noncentered",
+                       "predictive_cells": problem.num_cells if keep is None else len(keep)})
     units = {name: spec.unit for name, spec in PARAM_SPECS.items()}
     post = tree["posterior"]
     for name in list(post.data_vars):

@@ -119,13 +119,17 @@ def plot_trace(tree: xr.DataTree, var_names, path: Path) -> None:
 
 
 def plot_ppc_traces(tree: xr.DataTree, path: Path, *, num_cells: int = 8) -> None:
-    """Observed traces of a sample of cells over the 90% posterior predictive band and median."""
+    """Observed traces of a sample of cells over the 90% posterior predictive band and median
+    (from the cells with predictive draws, ``predictive_cell``, where the fit kept a subset).
+    """
     obs = tree["observed_data"]["intensity"]
     ppc = tree["posterior_predictive"]["intensity"]
+    if "predictive_cell" in ppc.dims:
+        ppc = ppc.rename(predictive_cell="cell")
     t = tree["constant_data"]["time_min"].values
     starts = tree["constant_data"]["segment_start_min"].values
     kinds = list(tree["constant_data"]["segment"].values)
-    cells = list(obs["cell"].values)
+    cells = list(ppc["cell"].values)
     pick = [cells[i] for i in np.unique(np.linspace(0, len(cells) - 1, min(num_cells, len(cells))).astype(int))]
     ncol = min(4, len(pick))
     nrow = int(np.ceil(len(pick) / ncol))

@@ -84,8 +84,12 @@ def predictive_panels(tree: xr.DataTree) -> list[Panel]:
     obs_group, pp = tree["observed_data"], tree["posterior_predictive"]
     const = tree["constant_data"] if "constant_data" in tree.children else xr.Dataset()
     if "intensity" in obs_group and "cell" in obs_group["intensity"].dims:
+        predicted = pp["intensity"]
+        if "predictive_cell" in predicted.dims:  # draws kept for a subset of the cells: those panels
+            predicted = predicted.rename(predictive_cell="cell")
+            obs_group = obs_group.to_dataset().sel(cell=predicted["cell"].values)
         observed = np.asarray(obs_group["intensity"], dtype=float)
-        draws = _thin(pp["intensity"], BAND_DRAWS)
+        draws = _thin(predicted, BAND_DRAWS)
         scores, cover = _score(observed, draws)
         q = np.quantile(draws, [0.05, 0.5, 0.95], axis=0)
         t = np.asarray(const["time_min"])
@@ -423,6 +427,10 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
         atomic_write(out / "fit_scores.csv", lambda tmp: scores.to_csv(tmp, index=False))
         body += ("<p>Score: root mean square of (observed - predictive mean) / predictive sd over the panel's "
                  "observations; about 1 for a good fit, worst first. All scores: <code>fit_scores.csv</code>.</p>")
+        ppc = tree["posterior_predictive"]
+        if any("predictive_cell" in ppc[v].dims for v in ppc.data_vars):
+            body += (f'<p class="note">Panels of the {len(panels)} of {tree["observed_data"].sizes["cell"]} cells whose '
+                     "predictive draws the fit kept (<code>[output] predictive_cells</code>).</p>")
         pages = int(np.ceil(len(panels) / PANELS_PER_PAGE))
         shown = min(pages, max_pages)
         for k in range(shown):
@@ -452,22 +460,30 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
         sections.append(("Predictions against the data", body))
 
     pw = pointwise(tree, max_draws=LOO_DRAWS, max_obs=LOO_OBS, seed=seed)
+    per_cell = pw.attrs["unit"] == "cell"
     n_all = int(pw.attrs["num_observations"])
     with warnings.catch_warnings(record=True) as caught:  # Pareto k warnings: counted in the table below
         warnings.simplefilter("always")
         loo = azs.loo(pw, var_name="y")
     k = np.asarray(loo.pareto_k)
     loo_table = pd.DataFrame([{"elpd_loo": float(loo.elpd), "se": float(loo.se), "p_loo": float(loo.p),
-                               "observations": int(loo.n_data_points), "draws": int(loo.n_samples),
+                               ("cells" if per_cell else "observations"): int(loo.n_data_points),
+                               "draws": int(loo.n_samples),
                                f"Pareto k > {float(loo.good_k):.2f}": int((k > loo.good_k).sum())}])
-    body = figure("loo_pit.png", "LOO-PIT: the difference between the ECDF of leave-one-out PIT values and the "
-                  "uniform, with its simultaneous 95% envelope; a calibrated model stays inside",
-                  lambda p: _save_pc(azp.plot_loo_pit(pw, var_names=["y"], backend="matplotlib"), p))
-    if n_all > int(loo.n_data_points):
+    if per_cell:  # the fit kept each cell's log likelihood summed over its frames, no per-frame draws
+        body = (f"<p>Leave-one-cell-out PSIS-LOO over {int(loo.n_data_points)} of the {n_all} cells, each cell's "
+                "log likelihood summed over its frames: the fit kept per-frame draws for "
+                f"{tree.attrs.get('predictive_cells', 'a subset of the')} cells only (<code>[output] predictive_cells"
+                "</code>), so there is no LOO-PIT.</p>")
+    else:
+        body = figure("loo_pit.png", "LOO-PIT: the difference between the ECDF of leave-one-out PIT values and the "
+                      "uniform, with its simultaneous 95% envelope; a calibrated model stays inside",
+                      lambda p: _save_pc(azp.plot_loo_pit(pw, var_names=["y"], backend="matplotlib"), p))
+    if not per_cell and n_all > int(loo.n_data_points):
         body += (f"<p>PSIS-LOO on a random {int(loo.n_data_points)} of the {n_all} observations (the LOO-PIT plot too); "
                  f"elpd per observation {float(loo.elpd) / int(loo.n_data_points):.4g}. For a comparison over all "
                  "observations use <code>zinckin compare</code>.</p>")
-    else:
+    elif not per_cell:
         body += "<p>PSIS-LOO over all observations:</p>"
     body += _table(loo_table, index=False)
     if (k > loo.good_k).any():

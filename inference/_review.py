@@ -119,8 +119,15 @@ def prior_predictive(target: Target, num: int, *, key) -> PriorCheck:
     return PriorCheck(tree=tree, num_draws=num, failed=int((~keep).sum()))
 
 
+def pointwise_unit(tree: xr.DataTree) -> str:
+    """``"cell"`` where a fit kept its log likelihood summed per cell (imaging fits with
+    ``[output] predictive_cells`` below the cells), else ``"obs"`` (one value per observation).
+    """
+    return "cell" if tree["log_likelihood"].attrs.get("pointwise") == "cell" else "obs"
+
+
 def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int | None = None,
-              seed: int = 0) -> xr.DataTree:
+              seed: int = 0, unit: str | None = None) -> xr.DataTree:
     """All observations of a fit as one variable ``y`` (dim ``obs``): ``observed_data``,
     ``log_likelihood``, ``posterior_predictive`` and the posterior's scalar variables, with
     missing (masked) observations left out. Several observation sites (data sets, observables)
@@ -128,7 +135,16 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
     ``max_draws`` thins every chain evenly to about ``max_draws`` draws in all (before loading);
     ``max_obs`` keeps a random subset of that many observations (in their order), attribute
     ``num_observations`` of the result holds the total.
+
+    ``unit="cell"`` (an imaging fit; the default where :func:`pointwise_unit` says so): one
+    "observation" per cell, its log likelihood summed over its frames (for leave-one-cell-out
+    PSIS-LOO), ``observed_data/y`` the sum of the cell's observed frames (a fingerprint for
+    comparing data sets) and no ``posterior_predictive`` group (no LOO-PIT). A fit kept per frame
+    gives the same per-cell values by summing, so runs of either kind compare per cell.
     """
+    unit = unit or pointwise_unit(tree)
+    if unit not in ("obs", "cell"):
+        raise ValueError(f'unit must be "obs" or "cell", got {unit!r}.')
     sites = list(tree["log_likelihood"].data_vars)
     chains, draws = tree["log_likelihood"].sizes["chain"], tree["log_likelihood"].sizes["draw"]
     step = 1 if max_draws is None else max(1, int(np.ceil(chains * draws / max_draws)))
@@ -140,7 +156,18 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
 
     obs, ll, pp, labels = [], [], [], []
     for site in sites:
-        o = np.asarray(tree["observed_data"][site], dtype=float).ravel()
+        observed = tree["observed_data"][site]
+        if unit == "cell":
+            if observed.dims != ("cell", "time"):
+                raise ValueError(f"per-cell log likelihoods need an imaging fit; observation site {site!r} has dims "
+                                 f"{observed.dims}. Fix: compare it with runs of its own kind.")
+            lik = tree["log_likelihood"][site].isel(draw=keep_draws)
+            lik = lik.sum("time") if "time" in lik.dims else lik  # masked frames are 0 in the per-frame values
+            ll.append(np.asarray(lik.transpose("chain", "draw", "cell")))
+            obs.append(np.asarray(observed.fillna(0.0).sum("time"), dtype=float))
+            labels += [site] * observed.sizes["cell"]
+            continue
+        o = np.asarray(observed, dtype=float).ravel()
         keep = np.isfinite(o)
         obs.append(o[keep])
         ll.append(values("log_likelihood", site)[..., keep])
@@ -151,20 +178,20 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
     groups = {
         "posterior": post,
         "log_likelihood": {"y": np.concatenate(ll, axis=-1)},
-        "posterior_predictive": {"y": np.concatenate(pp, axis=-1)},
         "observed_data": {"y": np.concatenate(obs)},
     }
+    if pp:
+        groups["posterior_predictive"] = {"y": np.concatenate(pp, axis=-1)}
     labels = np.asarray(labels)
     total = labels.size
     if max_obs is not None and total > max_obs:
         pick = np.sort(np.random.default_rng(seed).choice(total, size=max_obs, replace=False))
-        groups = {"posterior": post, "log_likelihood": {"y": groups["log_likelihood"]["y"][..., pick]},
-                  "posterior_predictive": {"y": groups["posterior_predictive"]["y"][..., pick]},
-                  "observed_data": {"y": groups["observed_data"]["y"][pick]}}
+        groups = {name: ({"y": g["y"][..., pick]} if name != "posterior" else g) for name, g in groups.items()}
         labels = labels[pick]
     out = from_dict(groups, dims={"y": ["obs"]}, coords={"obs": np.arange(len(labels))})
     out["observed_data"] = out["observed_data"].to_dataset().assign_coords(site=("obs", labels))
     out.attrs["num_observations"] = total
+    out.attrs["unit"] = unit
     return out
 
 

@@ -68,7 +68,8 @@ def target_from_config(config, base: Path) -> Target:
     cell_id = dataset.traces.cell_id
     return Target("imaging", config, imaging_model, (problem, plan), population_var_names(plan), ["intensity"],
                   lambda samples, key: assemble_tree(problem, plan, samples, None, key=key, cell_id=cell_id,
-                                                     max_tree_depth=0))
+                                                     max_tree_depth=0,
+                                                     predictive_cells=config.output.predictive_cells))
 
 
 def target_from_run(run_dir: Path) -> Target:

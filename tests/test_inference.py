@@ -280,3 +280,114 @@ def test_pointwise_intensity_matches_numpyro_log_likelihood_and_samples_the_nois
         z.append((np.asarray(ppc[i]) - np.asarray(fn.mean)) / np.asarray(fn.base_dist.scale))
     z = np.concatenate([a.ravel() for a in z])
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.05
+
+
+def test_predictive_subset_resolves_the_setting():
+    from inference._fit import PREDICTIVE_BUDGET, predictive_subset
+
+    assert predictive_subset("all", 10_000, 4000, 121) is None
+    assert predictive_subset(50, 20, 100, 121) is None  # more than the cells: every cell
+    np.testing.assert_array_equal(predictive_subset(3, 7, 100, 121), [0, 3, 6])  # spread evenly, ends included
+    assert predictive_subset("auto", 12, 1800, 121) is None  # the example keeps everything
+    keep = predictive_subset("auto", 10_000, 2000, 121)
+    assert len(keep) == PREDICTIVE_BUDGET // (2000 * 121) and len(np.unique(keep)) == len(keep)
+    assert keep[0] == 0 and keep[-1] == 9_999
+    for bad in (0, -3, "some", 2.5, True):
+        with pytest.raises(ValueError, match="predictive_cells"):
+            predictive_subset(bad, 10, 10, 10)
+
+
+def test_a_predictive_subset_keeps_the_full_trees_values(small_problem, tmp_path):
+    """Per-cell log likelihoods are the per-frame ones summed over frames; the kept cells' draws
+    are the full pass's draws of those cells; plots, panels and LOO read either tree."""
+    from numpyro.handlers import seed, trace
+    from numpyro.infer import Predictive
+
+    from inference._fit import assemble_tree
+    from inference._output import plot_ppc_traces
+    from inference._report import predictive_panels
+    from inference._review import pointwise
+
+    ds, problem = small_problem
+    plan = default_plan(probe_kd_nM=15.0)
+    latent = {k for k, s in trace(seed(imaging_model, 0)).get_trace(problem, plan).items()
+              if s["type"] == "sample" and not s["is_observed"]}
+    prior = Predictive(imaging_model, num_samples=12)(jax.random.key(5), problem, plan)
+    samples = {k: np.asarray(v).reshape((2, 6) + v.shape[1:]) for k, v in prior.items() if k in latent}
+    samples["solver_failures"] = np.zeros((2, 6), dtype=int)
+    cells = ds.traces.cell_id
+    kw = dict(key=jax.random.key(6), cell_id=cells, max_tree_depth=0)
+    full = assemble_tree(problem, plan, samples, None, **kw)
+    part = assemble_tree(problem, plan, samples, None, predictive_cells=2, **kw)
+
+    assert full.attrs["predictive_cells"] == 3 and part.attrs["predictive_cells"] == 2
+    kept = [cells[0], cells[2]]
+    ll_full, ll_part = full["log_likelihood"]["intensity"], part["log_likelihood"]["intensity"]
+    assert ll_part.dims == ("chain", "draw", "cell") and part["log_likelihood"].attrs["pointwise"] == "cell"
+    np.testing.assert_allclose(ll_part.values, ll_full.sum("time").values, rtol=1e-12)
+    for group, name in (("posterior_predictive", "intensity"), ("posterior", "zc_nM")):
+        a = part[group][name]
+        assert a.dims == ("chain", "draw", "predictive_cell", "time")
+        assert list(a["predictive_cell"].values) == kept
+        np.testing.assert_array_equal(a.values, full[group][name].sel(cell=kept).values)
+    np.testing.assert_array_equal(part["posterior"]["zc_rest_nM_cell"].values, full["posterior"]["zc_rest_nM_cell"].values)
+    assert part["observed_data"]["intensity"].dims == ("cell", "time")  # every cell's data stays
+
+    panels = predictive_panels(part)
+    assert [p.title for p in panels] == kept
+    full_panels = {p.title: p for p in predictive_panels(full)}
+    for p in panels:
+        np.testing.assert_array_equal(p.observed, full_panels[p.title].observed)
+        np.testing.assert_allclose(p.band, full_panels[p.title].band)
+    plot_ppc_traces(part, tmp_path / "ppc.png")
+    assert (tmp_path / "ppc.png").stat().st_size > 5000
+
+    pw_part, pw_full = pointwise(part), pointwise(full, unit="cell")
+    assert pw_part.attrs["unit"] == "cell" and "posterior_predictive" not in pw_part.children
+    np.testing.assert_allclose(pw_part["log_likelihood"]["y"].values, pw_full["log_likelihood"]["y"].values, rtol=1e-12)
+    np.testing.assert_array_equal(pw_part["observed_data"]["y"].values, pw_full["observed_data"]["y"].values)
+    assert pointwise(full).attrs["num_observations"] == int(np.isfinite(full["observed_data"]["intensity"]).sum())
+
+
+def _subset_config(tmp_path, name: str, predictive_cells) -> str:
+    exclude = ", ".join(f'"cell{i:03d}"' for i in range(4, 13))
+    value = f'"{predictive_cells}"' if isinstance(predictive_cells, str) else predictive_cells
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"""seed = 3
+[data]
+traces = "{EXAMPLE_DIR / 'traces.csv'}"
+protocol = "{EXAMPLE_DIR / 'protocol.toml'}"
+exclude_cells = [{exclude}]
+[sampler]
+method = "map"
+approx_draws = 200
+[output]
+dir = "{tmp_path / name}"
+predictive_cells = {value}
+""")
+    return str(path)
+
+
+def test_fit_with_a_predictive_subset_reports_and_compares_per_cell(tmp_path, capsys):
+    """`[output] predictive_cells` through the CLI: the written tree holds the subset, the report
+    does leave-one-cell-out LOO without LOO-PIT, and `zinckin compare` compares it per cell with a
+    run that kept every frame."""
+    for name, setting in (("full", "all"), ("part", 2)):
+        assert main(["fit", _subset_config(tmp_path, name, setting), "--no-progress"]) == 0
+    tree = xr.open_datatree(tmp_path / "part" / "posterior.nc", engine="h5netcdf")
+    assert tree["posterior_predictive"]["intensity"].sizes["predictive_cell"] == 2
+    assert tree["log_likelihood"]["intensity"].dims == ("chain", "draw", "cell")
+    assert (tmp_path / "part" / "ppc_traces.png").stat().st_size > 5000
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "part")]) == 0
+    page = (tmp_path / "part" / "report" / "report.html").read_text()
+    assert "Leave-one-cell-out PSIS-LOO over 3 of the 3 cells" in page
+    assert "loo_pit.png" not in page and "Panels of the 2 of 3 cells" in page
+    assert main(["compare", str(tmp_path / "full"), str(tmp_path / "part"), "--out", str(tmp_path / "cmp")]) == 0
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv", index_col=0)
+    assert set(table.index) == {"full", "part"}
+    # the same model, data and seed: the same draws, so the same per-cell elpd
+    np.testing.assert_allclose(table.loc["full", "elpd"], table.loc["part", "elpd"], rtol=1e-10)
+    # a bad setting is a clear error naming the field
+    assert main(["fit", _subset_config(tmp_path, "bad", 0), "--no-progress"]) == 2
+    assert "predictive_cells" in capsys.readouterr().err

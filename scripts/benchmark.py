@@ -25,7 +25,11 @@ What it measures (docs/performance.md explains every column):
    draw and ESS per gradient.
 4. With ``--levers``: the speed levers of docs/performance.md, each timed against the
    production configuration in the same process (ratios).
-5. With ``--example-fit``: the README's example fit (``zinckin fit data/example/fit.toml``) run
+5. With ``--output N``: the fit's output pass at N cells (``--output-draws`` draws near the
+   true parameters): its wall time, the bytes of the DataTree and of ``posterior.nc`` as
+   ``zinckin fit`` keeps them by default (``[output] predictive_cells = "auto"``), against the
+   bytes the per-frame groups of every cell would take (computed from their shapes).
+6. With ``--example-fit``: the README's example fit (``zinckin fit data/example/fit.toml``) run
    in this process with the persistent compilation cache off; the time spent compiling (tracing,
    lowering and XLA, from jax's monitoring events) and the fit's wall time.
 
@@ -59,7 +63,7 @@ import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from numpyro.infer import NUTS  # noqa: E402
-from numpyro.infer.util import initialize_model, unconstrain_fn  # noqa: E402
+from numpyro.infer.util import constrain_fn, initialize_model, unconstrain_fn  # noqa: E402
 
 from data import read_protocol  # noqa: E402
 from inference._fit import SamplerConfig, population_var_names, run_nuts  # noqa: E402
@@ -342,11 +346,45 @@ def nuts_zinckin(case: Case, *, chains: int, warmup: int, samples: int) -> dict:
     names = population_var_names(case.plan)
     ess, worst = ess_min({n: np.log(post[n].values) for n in names})
     steps = np.asarray(stats["n_steps"].values)
-    return {"tool": "zinckin", "cells": case.num_cells, "wall_s": wall, "min_ess_bulk": ess, "worst": worst,
+    return {"tool": f"zinckin ({result.tree.attrs['metric']} metric)", "cells": case.num_cells, "wall_s": wall,
+            "min_ess_bulk": ess, "worst": worst,
             "ess_per_s": ess / wall, "mean_tree_depth": float(np.mean(stats["tree_depth"].values)),
             "step_size": float(np.mean(stats["step_size"].values)), "grads_per_draw": float(np.mean(steps)),
             "ess_per_grad": ess / float(np.sum(steps)), "divergences": int(np.sum(stats["diverging"].values)),
             "note": "wall includes compile, MAP and Laplace metric; gradients counted over kept draws"}
+
+
+def output_scaling(case: Case, *, draws: int, chains: int = 2) -> dict:
+    """Time and bytes of the fit's output pass (``assemble_tree``, default ``predictive_cells``)
+    and of ``posterior.nc``, for ``draws`` draws (over ``chains``) near the true parameters."""
+    from inference._fit import assemble_tree
+    from inference._output import write_tree
+
+    per_chain = draws // chains
+    eps = 0.01 * jax.random.normal(jax.random.key(11), (chains * per_chain, case.flat_truth.size))
+    flats = case.flat_truth + eps.astype(case.flat_truth.dtype)
+    constrain = jax.jit(jax.vmap(lambda f: constrain_fn(imaging_model, (case.problem, case.plan), {},
+                                                        case.unravel(f))))
+    samples = {k: np.asarray(v).reshape((chains, per_chain) + v.shape[1:]) for k, v in constrain(flats).items()}
+    samples["solver_failures"] = np.zeros((chains, per_chain), dtype=int)
+    start = time.perf_counter()
+    tree = assemble_tree(case.problem, case.plan, samples, None, key=jax.random.key(12),
+                         cell_id=[f"cell{i:05d}" for i in range(case.num_cells)], max_tree_depth=0,
+                         predictive_cells="auto")
+    wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "posterior.nc"
+        start = time.perf_counter()
+        write_tree(tree, path)
+        write_s = time.perf_counter() - start
+        file_mb = path.stat().st_size / 2**20
+    tree_mb = sum(v.nbytes for node in tree.subtree for v in node.to_dataset().data_vars.values()) / 2**20
+    frames = case.problem.time_min.shape[0]
+    per_frame_mb = 3 * chains * per_chain * case.num_cells * frames * 8 / 2**20  # ll, predictive, zc_nM
+    return {"cells": case.num_cells, "draws": chains * per_chain, "frames": frames,
+            "predictive_cells": int(tree.attrs["predictive_cells"]),
+            "log_likelihood": tree["log_likelihood"].attrs.get("pointwise", "frame"), "pass_s": wall, "write_s": write_s,
+            "tree_mb": tree_mb, "file_mb": file_mb, "all_cells_per_frame_mb": per_frame_mb}
 
 
 def nuts_stan(case: Case, posterior, *, chains: int, warmup: int, samples: int) -> dict:
@@ -454,11 +492,12 @@ def markdown(results: dict) -> str:
     lines = [f"# zinckin benchmark ({env['date']})", "",
              f"{env['cpu']} ({env['cpu_count']} logical CPUs), backend {env['backend']}, devices {', '.join(env['devices'])}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
-             f"Solver tolerances rtol {results['rtol']:g}, atol {results['atol']:g}; float64.", "",
-             "## Log density and gradient", "",
-             "| cells | dim | compile (s) | log density (ms) | gradient (ms) | gradient per cell (us) | memory estimate (MB) "
-             "| Stan gradient (ms, in NUTS) | zinckin gradient (ms, in NUTS) | Stan / zinckin |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Solver tolerances rtol {results['rtol']:g}, atol {results['atol']:g}; float64."]
+    if results["gradient"]:
+        lines += ["", "## Log density and gradient", "",
+                  "| cells | dim | compile (s) | log density (ms) | gradient (ms) | gradient per cell (us) "
+                  "| memory estimate (MB) | Stan gradient (ms, in NUTS) | zinckin gradient (ms, in NUTS) | Stan / zinckin |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["gradient"]:
         stan_ms = r.get("stan_grad_in_nuts_ms")
         z_nuts = r.get("zinckin_grad_in_nuts_ms")
@@ -491,6 +530,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['tool']} | {r['cells']} | {r['wall_s']:.0f} | {r['min_ess_bulk']:.0f} ({r['worst']}) | "
                          f"{r['ess_per_s']:.3g} | {r['mean_tree_depth']:.1f} | {r['step_size']:.3g} | {r['grads_per_draw']:.0f} | "
                          f"{r['ess_per_grad']:.2e} | {r['divergences']} |")
+    if results.get("output"):
+        lines += ["", "## Output of a fit (`assemble_tree`, default `[output] predictive_cells`)", "",
+                  "| cells | draws | cells with per-frame draws | log likelihood | output pass (s) | write (s) "
+                  "| DataTree (MB) | posterior.nc (MB) | per-frame groups of every cell would be (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["output"]:
+            lines.append(f"| {r['cells']} | {r['draws']} | {r['predictive_cells']} | per {r['log_likelihood']} | "
+                         f"{r['pass_s']:.1f} | {r['write_s']:.1f} | {r['tree_mb']:.0f} | {r['file_mb']:.0f} | "
+                         f"{r['all_cells_per_frame_mb']:.0f} |")
     for line in results.get("ratios", []):
         lines.append(f"- {line}")
     if results.get("example_fit"):
@@ -526,6 +574,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stan-max-cells", type=int, default=512, help="largest N whose Stan gradient is timed")
     ap.add_argument("--stan-nuts-max-cells", type=int, default=64, help="largest N of a Stan NUTS fit")
     ap.add_argument("--levers", type=int, default=0, metavar="N", help="time the speed levers at N cells")
+    ap.add_argument("--output", type=int, nargs="*", default=[], metavar="N",
+                    help="measure the fit's output pass and posterior.nc at N cells")
+    ap.add_argument("--output-draws", type=int, default=2000, help="draws of the --output measurement")
     ap.add_argument("--example-fit", action="store_true",
                     help="run the bundled example fit and time its compiles (about 2 minutes on 2 cores)")
     ap.add_argument("--rtol", type=float, default=1e-6)
@@ -621,6 +672,13 @@ def main(argv=None) -> int:
             print(f"NUTS Stan N={n}: {s}", flush=True)
             print(results["ratios"][-1], flush=True)
             write_results(args.out, results)
+
+    for n in args.output:
+        r = output_scaling(cases[n] if n in cases else make_case(n, rtol=args.rtol, atol=args.atol),
+                           draws=args.output_draws, chains=args.chains)
+        results.setdefault("output", []).append(r)
+        print(f"output N={n}: {r}", flush=True)
+        write_results(args.out, results)
 
     if args.levers:
         from levers import measure_levers

@@ -16,8 +16,13 @@ import benchmark  # noqa: E402
 
 
 def test_harness_writes_results_for_a_small_case(tmp_path, capsys):
-    assert benchmark.main(["--cells", "2", "--nuts-cells", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert benchmark.main(["--cells", "2", "--nuts-cells", "--repeats", "1", "--output", "2", "--output-draws", "20",
+                           "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "benchmark.json").read_text())
+    (out,) = results["output"]  # 2 cells x 20 draws: every cell kept per frame
+    assert out["predictive_cells"] == 2 and out["log_likelihood"] == "frame" and out["draws"] == 20
+    assert out["all_cells_per_frame_mb"] == 3 * 20 * 2 * 121 * 8 / 2**20
+    assert out["all_cells_per_frame_mb"] < out["tree_mb"] < out["file_mb"] + 1
     (row,) = results["gradient"]
     assert row["cells"] == 2 and row["dim"] == 8 + 3 + 2 * 3 + 2 * 4
     assert np.isfinite(row["logp_at_truth"]) and row["grad_ms"] > 0 and row["compile_s"] > 0

@@ -7,9 +7,8 @@ refused. The table is arviz's: ``rank``, ``elpd`` (higher is better), ``p`` (eff
 parameters), ``elpd_diff`` and its standard error ``dse`` against the best run, stacking
 ``weight`` and ``warning`` (Pareto k above its threshold somewhere).
 
-Where one of the imaging runs kept its log likelihood per cell (``[output] predictive_cells``
-below its number of cells), every run is compared per cell: leave-one-cell-out, each cell's log
-likelihood summed over its frames.
+Where an imaging run kept per-frame values for a subset of its cells (``[output]
+predictive_cells``), every run is compared on the observations of the cells they all kept.
 """
 
 import warnings
@@ -23,7 +22,12 @@ import pandas as pd
 import xarray as xr
 
 from ._output import atomic_write
-from ._review import pointwise, pointwise_unit
+from ._review import per_frame_cells, pointwise
+
+
+def _all_cells(tree: xr.DataTree) -> list:
+    obs = tree["observed_data"]
+    return list(obs["cell"].values) if "cell" in obs.dims else []
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:
@@ -51,13 +55,21 @@ def compare_runs(run_dirs: list[Path], out: Path) -> pd.DataFrame:
             raise ValueError(f"{d}: its posterior.nc has no log_likelihood group, so LOO cannot be computed. "
                              "Fix: refit it with this zinckin.")
         trees.append(tree)
-    # a fit that kept its log likelihood per cell (many cells): every run is compared per cell
-    unit = "cell" if any(pointwise_unit(t) == "cell" for t in trees) else "obs"
+    # imaging fits of many cells keep per-frame values for a subset of them: compare on the
+    # cells every run kept
+    kept = [per_frame_cells(t) for t in trees]
+    cells = None
+    if any(k is not None and len(k) < len(_all_cells(t)) for k, t in zip(kept, trees)):
+        if any(k is None for k in kept) or any(_all_cells(t) != _all_cells(trees[0]) for t in trees):
+            raise ValueError("the runs were fitted to different cells. Fix: compare only runs of the same data set.")
+        cells = [c for c in kept[0] if all(c in set(k) for k in kept[1:])]
+        if not cells:
+            raise ValueError("the runs kept per-frame values for disjoint sets of cells, so they share no observation "
+                             "to compare. Fix: refit them with the same [output] predictive_cells (or \"all\").")
+        print(f"comparing on the observations of the {len(cells)} cells every run kept per frame "
+              "([output] predictive_cells)", flush=True)
     for label, d, tree in zip(_labels(run_dirs), run_dirs, trees):
-        try:
-            pw = pointwise(tree, unit=unit)
-        except ValueError as e:
-            raise ValueError(f"{d}: {e}") from None
+        pw = pointwise(tree, cells=cells)
         obs = np.asarray(pw["observed_data"]["y"])
         if first_obs is None:
             first_label, first_obs = label, obs

@@ -134,9 +134,9 @@ class SamplerSection(_Strict):
 class OutputSection(_Strict):
     dir: str = "runs/fit"
     num_ppc_cells: int = Field(default=8, ge=1)
-    # imaging fits: the cells whose per-frame draws (predictive intensity, zc_nM, per-frame log
-    # likelihood) are kept; "auto": all while they fit in inference._fit.PREDICTIVE_BUDGET values
-    # per array, else an even subset, the log likelihood then summed per cell
+    # imaging fits: the cells whose per-frame draws (predictive intensity, zc_nM, log likelihood)
+    # are kept; "auto": all while they fit in inference._fit.PREDICTIVE_BUDGET values per array,
+    # else an even subset (report and compare then use those cells' observations)
     predictive_cells: Literal["auto", "all"] | Annotated[int, Field(ge=1)] = "auto"
     checkpoint_every: int = Field(default=250, ge=0)  # kept draws per chain between checkpoints; 0: no checkpoints
 

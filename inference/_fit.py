@@ -299,11 +299,10 @@ def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: d
     its sampling program. Returns two ``(draw, cell, time)`` arrays and a dict of the
     deterministic sites, leading dimension ``draw``.
 
-    ``keep`` (cell indices): the log likelihood is summed over each cell's frames, ``(draw,
-    cell)`` for every cell, and the predictive draws and the per-frame deterministic sites
-    (``zc_nM``) are kept for the cells in ``keep`` only, ``(draw, len(keep), time)``, inside the
-    compiled pass, so memory grows with ``len(keep)``, not with the cells. The kept values equal
-    those of the full pass with the same ``key``.
+    ``keep`` (cell indices): the log likelihood, the predictive draws and the per-frame
+    deterministic sites (``zc_nM``) are kept for the cells in ``keep`` only, ``(draw, len(keep),
+    time)``, inside the compiled pass, so memory grows with ``len(keep)``, not with the cells.
+    The kept values equal those of the full pass with the same ``key``.
     """
     keys = jax.random.split(key, next(iter(samples.values())).shape[0])
     idx = None if keep is None else jnp.asarray(keep)
@@ -319,7 +318,7 @@ def pointwise_intensity(problem: ImagingProblem, plan: ParameterPlan, samples: d
             if idx is None:
                 return ll, pp, det
             det = {name: v[idx] if v.shape == ll.shape else v for name, v in det.items()}
-            return ll.sum(-1), pp[idx], det
+            return ll[idx], pp[idx], det
 
         return jax.lax.map(one, (samples, keys))
 
@@ -330,12 +329,11 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
                   key, cell_id, max_tree_depth: int, predictive_cells: str | int = "all") -> xr.DataTree:
     """Build the arviz DataTree from grouped-by-chain samples and sampler extra fields.
 
-    ``predictive_cells`` (:func:`predictive_subset`): where it keeps a subset of the cells, the
-    tree's ``log_likelihood`` holds each cell's log likelihood summed over its frames (dim
-    ``cell``, attribute ``pointwise = "cell"``), and ``posterior_predictive/intensity`` and
-    ``posterior/zc_nM`` hold the kept cells only, on dim ``predictive_cell`` (coordinate: their
-    ids). Otherwise every group is per frame on dims ``cell``, ``time``. Either way the
-    attribute ``predictive_cells`` of the tree says how many cells have per-frame outputs.
+    ``predictive_cells`` (:func:`predictive_subset`): where it keeps a subset of the cells,
+    ``log_likelihood/intensity``, ``posterior_predictive/intensity`` and ``posterior/zc_nM`` hold
+    the kept cells only, on dim ``predictive_cell`` (coordinate: their ids), and every other
+    variable keeps every cell. Otherwise all are on dim ``cell``. Either way the attribute
+    ``predictive_cells`` of the tree says how many cells have per-frame outputs.
     """
     samples = {k: np.asarray(v) for k, v in samples.items()}
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
@@ -387,18 +385,18 @@ def assemble_tree(problem: ImagingProblem, plan: ParameterPlan, samples: dict, e
         coords["predictive_cell"] = [cell_id[i] for i in keep]
     groups = {
         "posterior": posterior,
-        "log_likelihood": {"intensity": by_chain(ll)},
         "sample_stats": stats,
         "observed_data": {"intensity": observed},
         "constant_data": constant,
     }
+    per_frame = {"posterior_predictive": {"intensity": by_chain(ppc)}, "log_likelihood": {"intensity": by_chain(ll)}}
     if keep is None:
-        groups["posterior_predictive"] = {"intensity": by_chain(ppc)}
+        groups.update(per_frame)
     tree = from_dict(groups, coords=coords, dims=dims)
-    if keep is not None:  # its own dims: "intensity" is on ("cell", "time") in observed_data
-        tree["posterior_predictive"] = from_dict({"posterior_predictive": {"intensity": by_chain(ppc)}},
-                                                 coords=coords, dims={"intensity": frames})["posterior_predictive"]
-        tree["log_likelihood"].attrs["pointwise"] = "cell"
+    if keep is not None:  # their own dims: "intensity" is on ("cell", "time") in observed_data
+        kept = from_dict(per_frame, coords=coords, dims={"intensity": frames})
+        for name in per_frame:
+            tree[name] = kept[name]
     tree.attrs.update({"time_unit": "min", "model": "ZincFluxRapidEquilibrium",
                        "parameterization": "centered" if plan.centered else "noncentered",
                        "predictive_cells": problem.num_cells if keep is None else len(keep)})

@@ -460,30 +460,27 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
         sections.append(("Predictions against the data", body))
 
     pw = pointwise(tree, max_draws=LOO_DRAWS, max_obs=LOO_OBS, seed=seed)
-    per_cell = pw.attrs["unit"] == "cell"
     n_all = int(pw.attrs["num_observations"])
     with warnings.catch_warnings(record=True) as caught:  # Pareto k warnings: counted in the table below
         warnings.simplefilter("always")
         loo = azs.loo(pw, var_name="y")
     k = np.asarray(loo.pareto_k)
     loo_table = pd.DataFrame([{"elpd_loo": float(loo.elpd), "se": float(loo.se), "p_loo": float(loo.p),
-                               ("cells" if per_cell else "observations"): int(loo.n_data_points),
-                               "draws": int(loo.n_samples),
+                               "observations": int(loo.n_data_points), "draws": int(loo.n_samples),
                                f"Pareto k > {float(loo.good_k):.2f}": int((k > loo.good_k).sum())}])
-    if per_cell:  # the fit kept each cell's log likelihood summed over its frames, no per-frame draws
-        body = (f"<p>Leave-one-cell-out PSIS-LOO over {int(loo.n_data_points)} of the {n_all} cells, each cell's "
-                "log likelihood summed over its frames: the fit kept per-frame draws for "
-                f"{tree.attrs.get('predictive_cells', 'a subset of the')} cells only (<code>[output] predictive_cells"
-                "</code>), so there is no LOO-PIT.</p>")
-    else:
-        body = figure("loo_pit.png", "LOO-PIT: the difference between the ECDF of leave-one-out PIT values and the "
-                      "uniform, with its simultaneous 95% envelope; a calibrated model stays inside",
-                      lambda p: _save_pc(azp.plot_loo_pit(pw, var_names=["y"], backend="matplotlib"), p))
-    if not per_cell and n_all > int(loo.n_data_points):
+    body = figure("loo_pit.png", "LOO-PIT: the difference between the ECDF of leave-one-out PIT values and the "
+                  "uniform, with its simultaneous 95% envelope; a calibrated model stays inside",
+                  lambda p: _save_pc(azp.plot_loo_pit(pw, var_names=["y"], backend="matplotlib"), p))
+    ll_dims = tree["log_likelihood"].dims
+    if "predictive_cell" in ll_dims:
+        body += (f"<p>The fit kept per-frame values for {ll_dims['predictive_cell']} of its "
+                 f"{tree['observed_data'].sizes['cell']} cells (<code>[output] predictive_cells</code>): PSIS-LOO and "
+                 "LOO-PIT are over their observations only.</p>")
+    if n_all > int(loo.n_data_points):
         body += (f"<p>PSIS-LOO on a random {int(loo.n_data_points)} of the {n_all} observations (the LOO-PIT plot too); "
                  f"elpd per observation {float(loo.elpd) / int(loo.n_data_points):.4g}. For a comparison over all "
                  "observations use <code>zinckin compare</code>.</p>")
-    elif not per_cell:
+    else:
         body += "<p>PSIS-LOO over all observations:</p>"
     body += _table(loo_table, index=False)
     if (k > loo.good_k).any():

@@ -119,15 +119,19 @@ def prior_predictive(target: Target, num: int, *, key) -> PriorCheck:
     return PriorCheck(tree=tree, num_draws=num, failed=int((~keep).sum()))
 
 
-def pointwise_unit(tree: xr.DataTree) -> str:
-    """``"cell"`` where a fit kept its log likelihood summed per cell (imaging fits with
-    ``[output] predictive_cells`` below the cells), else ``"obs"`` (one value per observation).
+def per_frame_cells(tree: xr.DataTree) -> list[str] | None:
+    """The cells whose per-frame log likelihood an imaging fit kept (``[output]
+    predictive_cells``), or ``None`` where there is no cell dimension (other fits).
     """
-    return "cell" if tree["log_likelihood"].attrs.get("pointwise") == "cell" else "obs"
+    ll = tree["log_likelihood"]
+    for dim in ("predictive_cell", "cell"):
+        if dim in ll.dims:
+            return [str(c) for c in ll[dim].values]
+    return None
 
 
 def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int | None = None,
-              seed: int = 0, unit: str | None = None) -> xr.DataTree:
+              seed: int = 0, cells: list[str] | None = None) -> xr.DataTree:
     """All observations of a fit as one variable ``y`` (dim ``obs``): ``observed_data``,
     ``log_likelihood``, ``posterior_predictive`` and the posterior's scalar variables, with
     missing (masked) observations left out. Several observation sites (data sets, observables)
@@ -136,15 +140,10 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
     ``max_obs`` keeps a random subset of that many observations (in their order), attribute
     ``num_observations`` of the result holds the total.
 
-    ``unit="cell"`` (an imaging fit; the default where :func:`pointwise_unit` says so): one
-    "observation" per cell, its log likelihood summed over its frames (for leave-one-cell-out
-    PSIS-LOO), ``observed_data/y`` the sum of the cell's observed frames (a fingerprint for
-    comparing data sets) and no ``posterior_predictive`` group (no LOO-PIT). A fit kept per frame
-    gives the same per-cell values by summing, so runs of either kind compare per cell.
+    An imaging fit that kept per-frame draws for a subset of its cells (dim ``predictive_cell``)
+    gives the observations of those cells. ``cells``: only these cells' observations (imaging
+    fits; every one must have per-frame values), e.g. the cells that several runs share.
     """
-    unit = unit or pointwise_unit(tree)
-    if unit not in ("obs", "cell"):
-        raise ValueError(f'unit must be "obs" or "cell", got {unit!r}.')
     sites = list(tree["log_likelihood"].data_vars)
     chains, draws = tree["log_likelihood"].sizes["chain"], tree["log_likelihood"].sizes["draw"]
     step = 1 if max_draws is None else max(1, int(np.ceil(chains * draws / max_draws)))
@@ -152,21 +151,19 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
 
     def values(group, site):
         a = tree[group][site].isel(draw=keep_draws)
+        if "predictive_cell" in a.dims:
+            a = a.rename(predictive_cell="cell")
+        if cells is not None and "cell" in a.dims:
+            a = a.sel(cell=cells)
         return np.asarray(a).reshape(a.shape[:2] + (-1,))
 
     obs, ll, pp, labels = [], [], [], []
     for site in sites:
         observed = tree["observed_data"][site]
-        if unit == "cell":
-            if observed.dims != ("cell", "time"):
-                raise ValueError(f"per-cell log likelihoods need an imaging fit; observation site {site!r} has dims "
-                                 f"{observed.dims}. Fix: compare it with runs of its own kind.")
-            lik = tree["log_likelihood"][site].isel(draw=keep_draws)
-            lik = lik.sum("time") if "time" in lik.dims else lik  # masked frames are 0 in the per-frame values
-            ll.append(np.asarray(lik.transpose("chain", "draw", "cell")))
-            obs.append(np.asarray(observed.fillna(0.0).sum("time"), dtype=float))
-            labels += [site] * observed.sizes["cell"]
-            continue
+        if "cell" in observed.dims:  # the cells with per-frame values, in their order
+            kept = tree["log_likelihood"][site]
+            kept = kept["predictive_cell"].values if "predictive_cell" in kept.dims else observed["cell"].values
+            observed = observed.sel(cell=list(kept) if cells is None else cells)
         o = np.asarray(observed, dtype=float).ravel()
         keep = np.isfinite(o)
         obs.append(o[keep])
@@ -178,20 +175,20 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
     groups = {
         "posterior": post,
         "log_likelihood": {"y": np.concatenate(ll, axis=-1)},
+        "posterior_predictive": {"y": np.concatenate(pp, axis=-1)},
         "observed_data": {"y": np.concatenate(obs)},
     }
-    if pp:
-        groups["posterior_predictive"] = {"y": np.concatenate(pp, axis=-1)}
     labels = np.asarray(labels)
     total = labels.size
     if max_obs is not None and total > max_obs:
         pick = np.sort(np.random.default_rng(seed).choice(total, size=max_obs, replace=False))
-        groups = {name: ({"y": g["y"][..., pick]} if name != "posterior" else g) for name, g in groups.items()}
+        groups = {"posterior": post, "log_likelihood": {"y": groups["log_likelihood"]["y"][..., pick]},
+                  "posterior_predictive": {"y": groups["posterior_predictive"]["y"][..., pick]},
+                  "observed_data": {"y": groups["observed_data"]["y"][pick]}}
         labels = labels[pick]
     out = from_dict(groups, dims={"y": ["obs"]}, coords={"obs": np.arange(len(labels))})
     out["observed_data"] = out["observed_data"].to_dataset().assign_coords(site=("obs", labels))
     out.attrs["num_observations"] = total
-    out.attrs["unit"] = unit
     return out
 
 

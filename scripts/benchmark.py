@@ -382,8 +382,7 @@ def output_scaling(case: Case, *, draws: int, chains: int = 2) -> dict:
     frames = case.problem.time_min.shape[0]
     per_frame_mb = 3 * chains * per_chain * case.num_cells * frames * 8 / 2**20  # ll, predictive, zc_nM
     return {"cells": case.num_cells, "draws": chains * per_chain, "frames": frames,
-            "predictive_cells": int(tree.attrs["predictive_cells"]),
-            "log_likelihood": tree["log_likelihood"].attrs.get("pointwise", "frame"), "pass_s": wall, "write_s": write_s,
+            "predictive_cells": int(tree.attrs["predictive_cells"]), "pass_s": wall, "write_s": write_s,
             "tree_mb": tree_mb, "file_mb": file_mb, "all_cells_per_frame_mb": per_frame_mb}
 
 
@@ -532,11 +531,11 @@ def markdown(results: dict) -> str:
                          f"{r['ess_per_grad']:.2e} | {r['divergences']} |")
     if results.get("output"):
         lines += ["", "## Output of a fit (`assemble_tree`, default `[output] predictive_cells`)", "",
-                  "| cells | draws | cells with per-frame draws | log likelihood | output pass (s) | write (s) "
+                  "| cells | draws | cells with per-frame draws | output pass (s) | write (s) "
                   "| DataTree (MB) | posterior.nc (MB) | per-frame groups of every cell would be (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for r in results["output"]:
-            lines.append(f"| {r['cells']} | {r['draws']} | {r['predictive_cells']} | per {r['log_likelihood']} | "
+            lines.append(f"| {r['cells']} | {r['draws']} | {r['predictive_cells']} | "
                          f"{r['pass_s']:.1f} | {r['write_s']:.1f} | {r['tree_mb']:.0f} | {r['file_mb']:.0f} | "
                          f"{r['all_cells_per_frame_mb']:.0f} |")
     for line in results.get("ratios", []):

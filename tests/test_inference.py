@@ -298,15 +298,15 @@ def test_predictive_subset_resolves_the_setting():
 
 
 def test_a_predictive_subset_keeps_the_full_trees_values(small_problem, tmp_path):
-    """Per-cell log likelihoods are the per-frame ones summed over frames; the kept cells' draws
-    are the full pass's draws of those cells; plots, panels and LOO read either tree."""
+    """The kept cells' per-frame log likelihood and draws are the full pass's values for those
+    cells; plots, panels and the pointwise LOO input read either tree."""
     from numpyro.handlers import seed, trace
     from numpyro.infer import Predictive
 
     from inference._fit import assemble_tree
     from inference._output import plot_ppc_traces
     from inference._report import predictive_panels
-    from inference._review import pointwise
+    from inference._review import per_frame_cells, pointwise
 
     ds, problem = small_problem
     plan = default_plan(probe_kd_nM=15.0)
@@ -322,10 +322,8 @@ def test_a_predictive_subset_keeps_the_full_trees_values(small_problem, tmp_path
 
     assert full.attrs["predictive_cells"] == 3 and part.attrs["predictive_cells"] == 2
     kept = [cells[0], cells[2]]
-    ll_full, ll_part = full["log_likelihood"]["intensity"], part["log_likelihood"]["intensity"]
-    assert ll_part.dims == ("chain", "draw", "cell") and part["log_likelihood"].attrs["pointwise"] == "cell"
-    np.testing.assert_allclose(ll_part.values, ll_full.sum("time").values, rtol=1e-12)
-    for group, name in (("posterior_predictive", "intensity"), ("posterior", "zc_nM")):
+    assert per_frame_cells(full) == list(cells) and per_frame_cells(part) == kept
+    for group, name in (("posterior_predictive", "intensity"), ("posterior", "zc_nM"), ("log_likelihood", "intensity")):
         a = part[group][name]
         assert a.dims == ("chain", "draw", "predictive_cell", "time")
         assert list(a["predictive_cell"].values) == kept
@@ -342,10 +340,10 @@ def test_a_predictive_subset_keeps_the_full_trees_values(small_problem, tmp_path
     plot_ppc_traces(part, tmp_path / "ppc.png")
     assert (tmp_path / "ppc.png").stat().st_size > 5000
 
-    pw_part, pw_full = pointwise(part), pointwise(full, unit="cell")
-    assert pw_part.attrs["unit"] == "cell" and "posterior_predictive" not in pw_part.children
-    np.testing.assert_allclose(pw_part["log_likelihood"]["y"].values, pw_full["log_likelihood"]["y"].values, rtol=1e-12)
-    np.testing.assert_array_equal(pw_part["observed_data"]["y"].values, pw_full["observed_data"]["y"].values)
+    pw_part, pw_full = pointwise(part), pointwise(full, cells=kept)
+    assert pw_part.attrs["num_observations"] == 2 * 121
+    for group in ("log_likelihood", "posterior_predictive", "observed_data"):
+        np.testing.assert_array_equal(pw_part[group]["y"].values, pw_full[group]["y"].values)
     assert pointwise(full).attrs["num_observations"] == int(np.isfinite(full["observed_data"]["intensity"]).sum())
 
 
@@ -368,10 +366,10 @@ predictive_cells = {value}
     return str(path)
 
 
-def test_fit_with_a_predictive_subset_reports_and_compares_per_cell(tmp_path, capsys, monkeypatch):
+def test_fit_with_a_predictive_subset_reports_and_compares_on_the_kept_cells(tmp_path, capsys, monkeypatch):
     """`[output] predictive_cells` through the CLI: the written tree holds the subset, the report
-    does leave-one-cell-out LOO without LOO-PIT, and `zinckin compare` compares it per cell with a
-    run that kept every frame. A `method = "map"` fit of many cells warns that the Laplace
+    computes LOO and LOO-PIT over the kept cells, and `zinckin compare` compares it with a run
+    that kept every cell on the cells both kept. A `method = "map"` fit of many cells warns that the Laplace
     approximation is off-centre (here "many" lowered to 3 for the second run)."""
     import inference._cli as cli
 
@@ -383,17 +381,18 @@ def test_fit_with_a_predictive_subset_reports_and_compares_per_cell(tmp_path, ca
     assert any("sqrt(cells)" in w for w in json.loads((tmp_path / "part" / "run.json").read_text())["warnings"])
     tree = xr.open_datatree(tmp_path / "part" / "posterior.nc", engine="h5netcdf")
     assert tree["posterior_predictive"]["intensity"].sizes["predictive_cell"] == 2
-    assert tree["log_likelihood"]["intensity"].dims == ("chain", "draw", "cell")
+    assert tree["log_likelihood"]["intensity"].sizes["predictive_cell"] == 2
     assert (tmp_path / "part" / "ppc_traces.png").stat().st_size > 5000
     capsys.readouterr()
     assert main(["report", str(tmp_path / "part")]) == 0
     page = (tmp_path / "part" / "report" / "report.html").read_text()
-    assert "Leave-one-cell-out PSIS-LOO over 3 of the 3 cells" in page
-    assert "loo_pit.png" not in page and "Panels of the 2 of 3 cells" in page
+    assert "The fit kept per-frame values for 2 of its 3 cells" in page
+    assert 'data-file="loo_pit.png"' in page and "Panels of the 2 of 3 cells" in page
     assert main(["compare", str(tmp_path / "full"), str(tmp_path / "part"), "--out", str(tmp_path / "cmp")]) == 0
+    assert "comparing on the observations of the 2 cells every run kept" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv", index_col=0)
     assert set(table.index) == {"full", "part"}
-    # the same model, data and seed: the same draws, so the same per-cell elpd
+    # the same model, data and seed: the same draws, so the same elpd over the shared cells
     np.testing.assert_allclose(table.loc["full", "elpd"], table.loc["part", "elpd"], rtol=1e-10)
     # a bad setting is a clear error naming the field
     assert main(["fit", _subset_config(tmp_path, "bad", 0), "--no-progress"]) == 2

@@ -164,7 +164,7 @@ def _distributed(runtime) -> bool:
     return True
 
 
-def _warn_precision(warnings: list[str]) -> None:
+def _warn(warnings: list[str]) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
 
@@ -606,7 +606,7 @@ def cmd_fit(args) -> int:
                         "joint MAP, which moves away from the posterior mean of the constants shared by all cells as "
                         "about sqrt(cells) posterior sds (0.5 sd at 512 simulated cells, 1.3-1.8 at 4,096; "
                         "docs/performance.md); use method = \"nuts\" for those constants' intervals")
-    _warn_precision(warnings)
+    _warn(warnings)
     tr = dataset.traces
     print(f"fitting {len(tr.cell_id)} cells x {tr.time_min.size} frames: {_what(config.sampler)}, seed {config.seed}",
           flush=True)
@@ -695,7 +695,7 @@ def _fit_transcripts(args, run: _Run, table, plan, problem) -> int:
     sampler = config.sampler_config()
     method = config.sampler.method
     warnings = precision_warnings(config.runtime.precision, method=method, rtol=None, newton_tol=config.steady_state.tol)
-    _warn_precision(warnings)
+    _warn(warnings)
     print(f"fitting: {_what(config.sampler)}, seed {config.seed}", flush=True)
     with run.timer.phase("fit"):
         fit = run_transcript_nuts(problem, plan, sampler, key=jax.random.key(config.seed),
@@ -754,7 +754,7 @@ def _fit_custom(args, run: _Run, problem) -> int:
     solver = problem.solver or problem.model.solver
     warnings = precision_warnings(config.runtime.precision, method=method, rtol=solver.rtol,
                                   implicit=solver.method == "kvaerno5")
-    _warn_precision(warnings)
+    _warn(warnings)
     print(f"fitting: {_what(config.sampler)}, seed {config.seed}", flush=True)
     with run.timer.phase("fit"):
         fit = run_custom(problem, sampler, key=jax.random.key(config.seed), method=method,

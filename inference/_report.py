@@ -427,8 +427,7 @@ def build_report(run_dir: Path, *, out: Path | None = None, max_pages: int = 3, 
         atomic_write(out / "fit_scores.csv", lambda tmp: scores.to_csv(tmp, index=False))
         body += ("<p>Score: root mean square of (observed - predictive mean) / predictive sd over the panel's "
                  "observations; about 1 for a good fit, worst first. All scores: <code>fit_scores.csv</code>.</p>")
-        ppc = tree["posterior_predictive"]
-        if any("predictive_cell" in ppc[v].dims for v in ppc.data_vars):
+        if "predictive_cell" in tree["posterior_predictive"].dims:
             body += (f'<p class="note">Panels of the {len(panels)} of {tree["observed_data"].sizes["cell"]} cells whose '
                      "predictive draws the fit kept (<code>[output] predictive_cells</code>).</p>")
         pages = int(np.ceil(len(panels) / PANELS_PER_PAGE))

@@ -160,10 +160,11 @@ def pointwise(tree: xr.DataTree, *, max_draws: int | None = None, max_obs: int |
     obs, ll, pp, labels = [], [], [], []
     for site in sites:
         observed = tree["observed_data"][site]
-        if "cell" in observed.dims:  # the cells with per-frame values, in their order
-            kept = tree["log_likelihood"][site]
-            kept = kept["predictive_cell"].values if "predictive_cell" in kept.dims else observed["cell"].values
-            observed = observed.sel(cell=list(kept) if cells is None else cells)
+        per_frame = tree["log_likelihood"][site]
+        if cells is not None and "cell" in observed.dims:
+            observed = observed.sel(cell=cells)
+        elif "predictive_cell" in per_frame.dims:  # the cells with per-frame values, in their order
+            observed = observed.sel(cell=per_frame["predictive_cell"].values)
         o = np.asarray(observed, dtype=float).ravel()
         keep = np.isfinite(o)
         obs.append(o[keep])
